@@ -1,0 +1,110 @@
+"""``python -m data_prep``: write MNIST into distnn's HDF5 file (schema 1).
+
+Sources, in order of precedence: CSV files (--train-x/--train-y/--test-x/--test-y),
+--download from mirrors, --source DIR of IDX files, else the bundled MNIST.
+"""
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from data_prep import BUNDLED_DIR, IDX_NAMES, PrepError, schema
+from data_prep.csv_source import read_csv_images, read_csv_labels
+from data_prep.download import MIRRORS, download
+from data_prep.idx import find_idx, read_images, read_labels, sha256_hex
+
+DEFAULT_OUT = Path("data") / "mnist.h5"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help="HDF5 file to write (default: data/mnist.h5, relative to the working directory)")
+    p.add_argument("--source", type=Path, default=BUNDLED_DIR,
+                   help="folder holding the four IDX files, .gz or raw (default: the bundled MNIST)")
+    p.add_argument("--download", action="store_true",
+                   help="fetch the IDX files from --mirror URLs and verify their SHA-256 first")
+    p.add_argument("--mirror", action="append", metavar="URL",
+                   help="base URL to download from; repeat to try several in order "
+                        f"(default: {', '.join(MIRRORS)})")
+    for split in ("train", "test"):
+        p.add_argument(f"--{split}-x", type=Path, metavar="CSV",
+                       help=f"{split} images as CSV: 784 values per row, 0..1 or 0..255 (.gz allowed)")
+        p.add_argument(f"--{split}-y", type=Path, metavar="CSV",
+                       help=f"{split} labels as CSV: one label or a one-hot row of 10 per row")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    return p.parse_args(argv)
+
+
+def load_csv(args):
+    paths = {("train", "images"): args.train_x, ("train", "labels"): args.train_y,
+             ("test", "images"): args.test_x, ("test", "labels"): args.test_y}
+    missing = [f"--{s}-{'x' if k == 'images' else 'y'}" for (s, k), p in paths.items() if p is None]
+    if missing:
+        raise PrepError(f"CSV input needs all four files; missing {', '.join(missing)}")
+    arrays, sources = {}, {}
+    for key, path in paths.items():
+        reader = read_csv_images if key[1] == "images" else read_csv_labels
+        arrays[key], raw = reader(path)
+        sources[key] = (path.name, sha256_hex(raw))
+    return arrays, sources
+
+
+def load_idx(source_dir):
+    arrays, sources = {}, {}
+    for key, name in IDX_NAMES.items():
+        path = find_idx(source_dir, name)
+        reader = read_images if key[1] == "images" else read_labels
+        arrays[key], raw = reader(path)
+        sources[key] = (path.name, sha256_hex(raw))
+    return arrays, sources
+
+
+def check_output(out, force):
+    """Refuse bad output paths; return True if a good output already exists."""
+    if out.is_dir():
+        raise PrepError(f"{out}: output path is a directory")
+    if out.exists() and not force:
+        try:
+            schema.check(out)
+        except PrepError:
+            raise PrepError(f"{out}: exists and is not a valid distnn data file; "
+                            "use --force to replace it") from None
+        return True
+    return False
+
+
+def prepare(args):
+    """Run the preparation; return the message to print."""
+    if check_output(args.out, args.force):
+        return f"{args.out}: already prepared, kept (use --force to rebuild)"
+    if any(v is not None for v in (args.train_x, args.train_y, args.test_x, args.test_y)):
+        arrays, sources = load_csv(args)
+    elif args.download:
+        with tempfile.TemporaryDirectory() as tmp:
+            download(tmp, args.mirror or MIRRORS)
+            arrays, sources = load_idx(tmp)
+    else:
+        arrays, sources = load_idx(args.source)
+    try:
+        schema.write(args.out, arrays, sources)
+    except OSError as exc:
+        raise PrepError(f"{args.out}: cannot write: {exc.strerror or exc}") from None
+    return (f"{args.out}: wrote {len(arrays[('train', 'images')])} training and "
+            f"{len(arrays[('test', 'images')])} test images")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        print(prepare(args))
+    except PrepError as exc:
+        print(f"data_prep: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

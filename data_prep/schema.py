@@ -1,0 +1,100 @@
+"""distnn's MNIST HDF5 file, schema version 1: writing it atomically, checking it.
+
+Layout:
+  /train/images  uint8 (N, 784)    /train/labels  uint8 (N,)
+  /test/images   uint8 (M, 784)    /test/labels   uint8 (M,)
+  root attributes: schema_version = 1, image_shape = (28, 28),
+  source_<split>_<kind> = source file name, sha256_<split>_<kind> = its SHA-256.
+
+Image datasets are chunked by 256 rows (256 x 784 B = 196 KiB, uncompressed):
+trainers read contiguous runs of rows (a rank's shard, an evaluation slice), so
+a run touches few chunks, each chunk fits h5py's default 1 MiB chunk cache
+several times over, and no decompression sits on the read path.
+"""
+
+import os
+import tempfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from data_prep import PrepError
+
+SCHEMA_VERSION = 1
+IMAGE_SHAPE = (28, 28)
+PIXELS = 784
+CHUNK_ROWS = 256
+SPLITS = ("train", "test")
+
+
+def write(out, arrays, sources):
+    """Write ``arrays[(split, kind)]`` to ``out`` atomically.
+
+    ``sources[(split, kind)]`` is (file name, sha256 hex). The file is written
+    under a temporary name in the same folder, fsync'd, then renamed, so a
+    crash or error never leaves a partial file at ``out``.
+    """
+    out = Path(out)
+    for split in SPLITS:
+        images, labels = arrays[(split, "images")], arrays[(split, "labels")]
+        if len(images) != len(labels):
+            raise PrepError(
+                f"{sources[(split, 'images')][0]}: {len(images)} images but "
+                f"{sources[(split, 'labels')][0]} has {len(labels)} labels"
+            )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["schema_version"] = SCHEMA_VERSION
+            f.attrs["image_shape"] = np.asarray(IMAGE_SHAPE, dtype=np.int64)
+            for (split, kind), data in arrays.items():
+                chunks = (min(CHUNK_ROWS, len(data)), PIXELS) if kind == "images" else None
+                f.create_dataset(f"{split}/{kind}", data=np.ascontiguousarray(data, np.uint8),
+                                 chunks=chunks)
+                name, digest = sources[(split, kind)]
+                f.attrs[f"source_{split}_{kind}"] = name
+                f.attrs[f"sha256_{split}_{kind}"] = digest
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def check(path):
+    """Raise PrepError unless ``path`` is a readable schema-1 file; return its sizes."""
+    path = Path(path)
+    if not path.exists():
+        raise PrepError(f"{path}: no such file (prepare it with: python -m data_prep --out {path})")
+    try:
+        with h5py.File(path, "r") as f:
+            version = f.attrs.get("schema_version")
+            if version != SCHEMA_VERSION:
+                raise PrepError(f"{path}: schema_version is {version}, expected {SCHEMA_VERSION}")
+            sizes = {}
+            for split in SPLITS:
+                images, labels = f.get(f"{split}/images"), f.get(f"{split}/labels")
+                if not isinstance(images, h5py.Dataset) or not isinstance(labels, h5py.Dataset):
+                    raise PrepError(f"{path}: missing /{split}/images or /{split}/labels")
+                if (images.dtype != np.uint8 or labels.dtype != np.uint8
+                        or images.ndim != 2 or images.shape[1] != PIXELS
+                        or labels.shape != (images.shape[0],)):
+                    raise PrepError(
+                        f"{path}: /{split} has images {images.dtype}{images.shape} and labels "
+                        f"{labels.dtype}{labels.shape}, expected uint8 (N, {PIXELS}) and uint8 (N,)"
+                    )
+                sizes[split] = images.shape[0]
+            return sizes
+    except OSError as exc:
+        raise PrepError(f"{path}: not a readable HDF5 file ({exc})") from None

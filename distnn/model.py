@@ -1,0 +1,186 @@
+"""A multi-layer perceptron with hand-written backprop (numpy only).
+
+Parameters are a list of ``(W, b)`` pairs, ``W`` shaped (fan_in, fan_out) and
+``b`` shaped (fan_out,), so a layer computes ``z = a @ W + b``. Hidden layers
+use one activation from :mod:`distnn.activations`; the output layer and loss
+come as a pair from :mod:`distnn.losses`.
+
+The public API (``init_params``, ``forward``, ``loss_and_grads``, ``sgd_step``,
+``metrics``) works on a batch ``X`` of shape (N, fan_in). The building blocks
+``forward_pass`` and ``backward`` also accept stacks of blocks shaped
+(B, rows, fan_in): the distributed trainer runs them block by block so every
+block's bits are independent of how many ranks share the batch.
+"""
+
+import numpy as np
+
+from distnn import activations, losses
+
+HE_INIT = ("relu", "leaky_relu", "elu")
+CLIP = 1e-12  # keeps log() away from 0 in the cross-entropy metric
+
+
+def init_params(layers, seed=0, activation="sigmoid", dtype=np.float32):
+    """Seeded initial parameters for layer widths ``layers`` (e.g. [784, 256, 10]).
+
+    Weights: He normal (std sqrt(2 / fan_in)) for relu-like activations, Glorot
+    uniform (limit sqrt(6 / (fan_in + fan_out))) otherwise; biases zero. Values
+    are drawn in float64 and then cast, so float32 and float64 runs start from
+    the same numbers.
+    """
+    layers = check_layers(layers)
+    activations.get(activation)
+    dtype = check_dtype(dtype)
+    rng = np.random.default_rng(seed)
+    params = []
+    for fan_in, fan_out in zip(layers[:-1], layers[1:]):
+        if activation in HE_INIT:
+            W = rng.normal(0.0, np.sqrt(2.0 / fan_in), size=(fan_in, fan_out))
+        else:
+            limit = np.sqrt(6.0 / (fan_in + fan_out))
+            W = rng.uniform(-limit, limit, size=(fan_in, fan_out))
+        params.append((W.astype(dtype), np.zeros(fan_out, dtype=dtype)))
+    return params
+
+
+def forward_pass(params, X, activation="sigmoid", loss="ce"):
+    """Run the network, keeping what backward needs.
+
+    Returns (inputs, zs, y): ``inputs[l]`` is layer l's input, ``zs[l]`` its
+    pre-activation, ``y`` the output values.
+    """
+    f, _ = activations.get(activation)
+    inputs, zs = [], []
+    a = X
+    for i, (W, b) in enumerate(params):
+        inputs.append(a)
+        z = a @ W + b
+        zs.append(z)
+        a = f(z) if i < len(params) - 1 else losses.output(loss, z)
+    return inputs, zs, a
+
+
+def backward(params, inputs, zs, delta, activation="sigmoid"):
+    """Gradients summed over the rows of ``delta`` (dLoss/dz of the output layer).
+
+    Works on (rows, k) arrays or stacks (B, rows, k); returns one (dW, db) per
+    layer, with the stack axis kept.
+    """
+    _, f_grad = activations.get(activation)
+    grads = [None] * len(params)
+    for i in range(len(params) - 1, -1, -1):
+        a_in = inputs[i]
+        grads[i] = (np.swapaxes(a_in, -1, -2) @ delta, delta.sum(axis=-2))
+        if i > 0:
+            delta = (delta @ params[i][0].T) * f_grad(zs[i - 1], inputs[i])
+    return grads
+
+
+def forward(params, X, activation="sigmoid", loss="ce"):
+    """Output values (probabilities for ``ce``), shape (N, K)."""
+    X = check_inputs(params, X, activation, loss)
+    return forward_pass(params, X, activation, loss)[2]
+
+
+def targets_for(targets, n, k, dtype):
+    """Float targets (n, k) from integer labels (n,) or a float array (n, k).
+
+    Integer labels are one-hot encoded; with a single output (k = 1) they must
+    be 0 or 1 and become that output's target.
+    """
+    t = np.asarray(targets)
+    if t.ndim == 1:
+        if t.shape[0] != n:
+            raise ValueError(f"targets: {t.shape[0]} labels for {n} samples")
+        if not np.issubdtype(t.dtype, np.integer):
+            raise ValueError(f"targets: 1-d targets must be integer labels, got {t.dtype}")
+        hi = 1 if k == 1 else k - 1
+        if t.size and (t.min() < 0 or t.max() > hi):
+            bad = t[(t < 0) | (t > hi)][0]
+            raise ValueError(f"targets: label {bad} is outside the output range 0..{hi}")
+        return (t[:, None] == 1).astype(dtype) if k == 1 else np.eye(k, dtype=dtype)[t]
+    if t.shape != (n, k):
+        raise ValueError(f"targets: shape {t.shape}, expected ({n},) labels or ({n}, {k})")
+    if not np.all(np.isfinite(t)):
+        raise ValueError("targets: contain NaN or infinity")
+    return t.astype(dtype, copy=False)
+
+
+def loss_and_grads(params, X, targets, activation="sigmoid", loss="ce"):
+    """Mean loss over the batch and its gradients, shaped like ``params``."""
+    X = check_inputs(params, X, activation, loss)
+    T = targets_for(targets, X.shape[0], params[-1][0].shape[1], X.dtype)
+    inputs, zs, y = forward_pass(params, X, activation, loss)
+    n = X.shape[0]
+    total = losses.per_sample_loss(loss, zs[-1], y, T).sum()
+    delta = losses.output_delta(loss, zs[-1], y, T) / X.dtype.type(n)
+    return float(total / n), backward(params, inputs, zs, delta, activation)
+
+
+def sgd_step(params, grads, lr):
+    """Plain SGD: ``p - lr * g`` for every parameter, in the parameters' dtype."""
+    step = []
+    for (W, b), (gW, gb) in zip(params, grads):
+        rate = W.dtype.type(lr)
+        step.append((W - rate * gW.astype(W.dtype, copy=False),
+                      b - rate * gb.astype(b.dtype, copy=False)))
+    return step
+
+
+def metric_sums(y, t):
+    """Per-sample correct (0/1), quadratic cost and cross-entropy cost, in float64.
+
+    Accuracy uses argmax (threshold 0.5 for a single output). The costs follow
+    the source report: quadratic = 1/2 sum (t - y)^2 and cross-entropy =
+    -sum [t ln y + (1 - t) ln(1 - y)], with y clipped to [1e-12, 1 - 1e-12].
+    """
+    y = y.astype(np.float64)
+    t = t.astype(np.float64)
+    if y.shape[-1] == 1:
+        correct = (y[..., 0] >= 0.5) == (t[..., 0] >= 0.5)
+    else:
+        correct = y.argmax(axis=-1) == t.argmax(axis=-1)
+    quadratic = 0.5 * ((t - y) ** 2).sum(axis=-1)
+    yc = np.clip(y, CLIP, 1 - CLIP)
+    cross = -(t * np.log(yc) + (1 - t) * np.log(1 - yc)).sum(axis=-1)
+    return correct.astype(np.float64), quadratic, cross
+
+
+def metrics(params, X, targets, activation="sigmoid", loss="ce"):
+    """Accuracy, quadratic cost and cross-entropy cost (means over samples)."""
+    y = forward(params, X, activation, loss)
+    t = targets_for(targets, y.shape[0], y.shape[1], np.float64)
+    correct, quadratic, cross = metric_sums(y, t)
+    return {"accuracy": float(correct.mean()), "quadratic_cost": float(quadratic.mean()),
+            "cross_entropy": float(cross.mean())}
+
+
+def check_layers(layers):
+    layers = [int(n) for n in layers]
+    if len(layers) < 2 or min(layers) < 1:
+        raise ValueError(f"layers: need at least two positive widths, got {layers}")
+    return layers
+
+
+def check_dtype(dtype):
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise ValueError(f"dtype: {dtype} is not supported; use float32 or float64")
+    return dtype
+
+
+def check_inputs(params, X, activation, loss):
+    """Validate names and ``X`` against ``params``; return X in the params' dtype."""
+    activations.get(activation)
+    losses.check(loss)
+    X = np.asarray(X)
+    fan_in = params[0][0].shape[0]
+    if X.ndim != 2 or X.shape[1] != fan_in:
+        raise ValueError(f"X: shape {X.shape}, expected (N, {fan_in})")
+    for i, ((W, b), (W_next, _)) in enumerate(zip(params, params[1:] + [params[-1]])):
+        if b.shape != (W.shape[1],) or (i < len(params) - 1 and W_next.shape[0] != W.shape[1]):
+            raise ValueError(f"params: layer {i} has W {W.shape} and b {b.shape}, "
+                             "which do not chain with the next layer")
+    if not np.all(np.isfinite(X)):
+        raise ValueError("X: contains NaN or infinity")
+    return X.astype(params[0][0].dtype, copy=False)
