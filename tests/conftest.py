@@ -40,3 +40,24 @@ def run_env():
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
+
+
+TIMING_KEYS = {"samples_per_s", "compute_s", "comm_s", "data_s", "wall_s"}
+
+
+def launch_train(args, ranks=None, timeout=180, cwd=ROOT):
+    """Run ``python -m distnn.train`` alone (ranks=None) or under ``mpirun -n ranks``."""
+    command = [sys.executable, "-m", "distnn.train", *map(str, args)]
+    if ranks is not None:
+        command = [find_mpirun(), "-n", str(ranks), *command]
+    return subprocess.run(command, cwd=cwd, env=run_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def run_result(out):
+    """(params_sha256, per-epoch metrics without timings) of a finished run."""
+    import json
+    summary = json.loads((Path(out) / "summary.json").read_text())
+    records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return summary["params_sha256"], [{k: v for k, v in r.items() if k not in TIMING_KEYS}
+                                      for r in records]

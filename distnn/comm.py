@@ -1,0 +1,85 @@
+"""The few MPI-specific pieces: agreeing on errors, checking replicas, failing fast.
+
+A Python exception on one rank must not leave the others waiting forever in
+a collective call. ``agree`` runs a check on every rank and turns any rank's
+UserError into the same error everywhere; ``run_or_abort`` ends the whole job
+with ``MPI.Abort`` when a rank fails on its own (the fix ``python -m mpi4py``
+applies).
+"""
+
+import hashlib
+import sys
+import traceback
+
+from mpi4py import MPI
+
+from distnn.errors import UserError
+
+EXIT_USER_ERROR = 2
+EXIT_FAILURE = 1
+
+
+def agree(comm, fn, *args):
+    """Run ``fn(*args)`` on every rank; if any rank raises UserError, all raise it."""
+    try:
+        result, message = fn(*args), None
+    except UserError as exc:
+        result, message = None, str(exc)
+    messages = comm.allgather(message)
+    for rank, text in enumerate(messages):
+        if text is not None:
+            prefix = "" if all(m == text for m in messages) else f"rank {rank}: "
+            raise UserError(prefix + text, agreed=True)
+    return result
+
+
+def params_digest(params):
+    """SHA-256 of W0, b0, W1, b1, ... as C-order bytes in the run's dtype."""
+    h = hashlib.sha256()
+    for W, b in params:
+        h.update(W.tobytes())
+        h.update(b.tobytes())
+    return h.hexdigest()
+
+
+def check_replicas(comm, params, when):
+    """Stop the run if any rank's parameters differ from rank 0's."""
+    digests = comm.allgather(params_digest(params))
+    if len(set(digests)) != 1:
+        bad = [r for r, d in enumerate(digests) if d != digests[0]]
+        raise RuntimeError(f"ranks {bad} hold different parameters from rank 0 {when}")
+    return digests[0]
+
+
+def broadcast_params(comm, params):
+    """Make every rank hold rank 0's parameters (in place, upper-case Bcast)."""
+    for W, b in params:
+        comm.Bcast(W, root=0)
+        comm.Bcast(b, root=0)
+    return params
+
+
+def run_or_abort(comm, prog, fn):
+    """Run ``fn()``; map failures to one clear line and an exit code, never a hang.
+
+    An agreed UserError (or any UserError in a single-rank run) is printed once by
+    rank 0 and every rank exits with code 2. Anything else (a bug, a rank-local
+    failure) is printed by the failing rank and the whole job is aborted.
+    """
+    try:
+        return fn()
+    except UserError as exc:
+        if exc.agreed or comm.size == 1:
+            if comm.rank == 0:
+                print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_USER_ERROR)
+        print(f"{prog}: error: rank {comm.rank}: {exc}", file=sys.stderr, flush=True)
+        comm.Abort(EXIT_USER_ERROR)
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except BaseException:
+        text = traceback.format_exc()
+        print(f"{prog}: rank {comm.rank} failed:\n{text}", file=sys.stderr, flush=True)
+        if comm.size == 1:
+            sys.exit(EXIT_FAILURE)
+        comm.Abort(EXIT_FAILURE)

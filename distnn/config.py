@@ -1,0 +1,126 @@
+"""The training configuration: a dataclass built from command-line flags."""
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from distnn import activations, losses
+from distnn.errors import UserError
+
+DEFAULT_DATA = "data/mnist.h5"
+
+
+@dataclasses.dataclass
+class Config:
+    data: str = DEFAULT_DATA
+    layers: tuple = (784, 256, 10)
+    activation: str = "sigmoid"
+    loss: str = "ce"
+    batch_size: int = 64
+    block_size: int = 8
+    lr: float = 0.5
+    epochs: int = 20
+    max_steps: int = 0
+    seed: int = 0
+    dtype: str = "float32"
+    val_size: int = 5000
+    train_limit: int = 0
+    shuffle: bool = True
+    stream: bool = False
+    init: str = ""
+    out: str = ""
+
+    @property
+    def np_dtype(self):
+        return np.dtype(self.dtype).type
+
+    def to_json(self):
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    def describe(self):
+        """The resolved configuration, one ``name = value`` per line."""
+        return "\n".join(f"  {k:<12} = {v}" for k, v in dataclasses.asdict(self).items())
+
+
+def _layers(text):
+    try:
+        widths = tuple(int(w) for w in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of widths")
+    if len(widths) < 2 or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: need at least two positive widths")
+    return widths
+
+
+def build_parser():
+    d = Config()
+    p = argparse.ArgumentParser(
+        prog="python -m distnn.train",
+        description="Train an MLP with synchronous data-parallel SGD over MPI ranks; "
+                    "the result is bit-identical for any number of ranks.")
+    p.add_argument("--data", default=d.data,
+                   help=f"prepared HDF5 file (default {d.data}, prepared from the bundled MNIST if missing)")
+    p.add_argument("--layers", type=_layers, default=d.layers,
+                   help="layer widths, input first (default 784,256,10)")
+    p.add_argument("--activation", default=d.activation, choices=list(activations.ACTIVATIONS),
+                   help="hidden-layer activation (default sigmoid)")
+    p.add_argument("--loss", default=d.loss, choices=list(losses.LOSSES),
+                   help="output/loss pair: ce = softmax + cross-entropy, mse = sigmoid + "
+                        "quadratic, bce = sigmoid + binary cross-entropy (default ce)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help=f"global mini-batch size, split across all ranks (default {d.batch_size})")
+    p.add_argument("--block-size", type=int, default=d.block_size,
+                   help="rows per block, the unit of work a rank computes; independent of the "
+                        f"rank count, it fixes the result's bits (default {d.block_size})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"learning rate (default {d.lr})")
+    p.add_argument("--epochs", type=int, default=d.epochs, help=f"epochs (default {d.epochs})")
+    p.add_argument("--max-steps", type=int, default=d.max_steps,
+                   help="stop after this many steps in total (default 0: no limit)")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="seed for initialisation, validation split and shuffling (default 0)")
+    p.add_argument("--dtype", default=d.dtype, choices=["float32", "float64"],
+                   help="parameter and compute precision (default float32)")
+    p.add_argument("--val-size", type=int, default=d.val_size,
+                   help=f"training images held out for validation, seeded (default {d.val_size}; 0 allowed)")
+    p.add_argument("--train-limit", type=int, default=d.train_limit,
+                   help="use only the first N training images (default 0: all)")
+    p.add_argument("--no-shuffle", dest="shuffle", action="store_false",
+                   help="keep the training order instead of a seeded shuffle per epoch")
+    p.add_argument("--stream", action="store_true",
+                   help="read each rank's rows from the file every step instead of holding "
+                        "the data set in memory")
+    p.add_argument("--init", default=d.init,
+                   help="start from the parameters in this model.h5 instead of a random init")
+    p.add_argument("--out", default=d.out,
+                   help="output folder (default runs/<timestamp>)")
+    return p
+
+
+def from_args(args):
+    """A Config from parsed arguments, with range checks (UserError on bad values)."""
+    fields = {f.name for f in dataclasses.fields(Config)}
+    config = Config(**{k: v for k, v in vars(args).items() if k in fields})
+    check(config)
+    return config
+
+
+def check(config):
+    positive = {"--batch-size": config.batch_size, "--block-size": config.block_size,
+                "--lr": config.lr, "--epochs": config.epochs}
+    for flag, value in positive.items():
+        if not value > 0:
+            raise UserError(f"{flag} must be positive, got {value}")
+    for flag, value in {"--max-steps": config.max_steps, "--val-size": config.val_size,
+                        "--train-limit": config.train_limit}.items():
+        if value < 0:
+            raise UserError(f"{flag} must be 0 or more, got {value}")
+    if config.layers[0] != 784:
+        raise UserError(f"--layers: the input width must be 784 (28x28 pixels), got {config.layers[0]}")
+    if config.layers[-1] != 10:
+        raise UserError(f"--layers: MNIST has 10 classes, so the output width must be 10, "
+                        f"got {config.layers[-1]}")
+    if Path(config.data).is_dir():
+        raise UserError(f"--data {config.data}: is a directory, expected an HDF5 file")

@@ -1,0 +1,82 @@
+"""What a run leaves in ``--out``: model.h5, metrics.jsonl, summary.json.
+
+Files are written under a temporary name, fsync'd and renamed, so a reader
+(or a crash) never sees half a file.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from distnn.errors import UserError
+
+
+def atomic_write(path, write):
+    """Call ``write(tmp_path)``, fsync the result, then rename it to ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path, obj):
+    def write(tmp):
+        Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    atomic_write(path, write)
+
+
+def save_model(path, params, layers, activation, loss):
+    """``/layers/{i}/W`` and ``/layers/{i}/b``; attributes layers, activation, loss, dtype."""
+    def write(tmp):
+        with h5py.File(tmp, "w") as f:
+            f.attrs["layers"] = np.asarray(layers, dtype=np.int64)
+            f.attrs["activation"] = activation
+            f.attrs["loss"] = loss
+            f.attrs["dtype"] = str(params[0][0].dtype)
+            for i, (W, b) in enumerate(params):
+                f[f"layers/{i}/W"] = W
+                f[f"layers/{i}/b"] = b
+    atomic_write(path, write)
+
+
+def load_model(path, dtype=None):
+    """Read a model.h5; return (params, attrs). UserError names the file and problem."""
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = {"layers": tuple(int(n) for n in f.attrs["layers"]),
+                     "activation": str(f.attrs["activation"]), "loss": str(f.attrs["loss"]),
+                     "dtype": str(f.attrs["dtype"])}
+            params = []
+            for i in range(len(attrs["layers"]) - 1):
+                W = f[f"layers/{i}/W"][...]
+                b = f[f"layers/{i}/b"][...]
+                if W.shape != tuple(attrs["layers"][i:i + 2]) or b.shape != (W.shape[1],):
+                    raise UserError(f"{path}: layer {i} has W {W.shape} and b {b.shape}, "
+                                    f"which do not match its layers {attrs['layers']}")
+                cast = np.dtype(dtype or attrs["dtype"])
+                params.append((np.ascontiguousarray(W, cast), np.ascontiguousarray(b, cast)))
+    except (OSError, KeyError) as exc:
+        raise UserError(f"{path}: not a readable distnn model file ({exc})") from None
+    return params, attrs
+
+
+class MetricsLog:
+    """Append one JSON object per epoch to metrics.jsonl, flushed each time."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def append(self, record):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())

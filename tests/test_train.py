@@ -1,0 +1,154 @@
+"""distnn.train end to end: bit-identical results for 1..8 ranks, failures that end promptly."""
+
+import json
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import ROOT, find_mpirun, launch_train, run_env, run_result
+
+# Small, fast settings that still exercise every corner: several hidden layers,
+# a batch size that 3, 4, 6, 7 and 8 do not divide, a final partial batch
+# (530 training rows = 10 x 50 + 30, i.e. 6 blocks, so at 7 and 8 ranks some
+# ranks get no rows), and two epochs so the shuffle is exercised.
+CONFIGS = {
+    "float32-shuffled": ["--layers", "784,16,12,10", "--batch-size", "50", "--block-size", "5",
+                         "--train-limit", "630", "--val-size", "100", "--epochs", "2",
+                         "--lr", "0.5", "--dtype", "float32"],
+    "float64-ordered": ["--layers", "784,20,10,10", "--activation", "tanh", "--batch-size", "45",
+                        "--block-size", "4", "--train-limit", "600", "--val-size", "37",
+                        "--epochs", "2", "--lr", "0.1", "--dtype", "float64", "--no-shuffle"],
+}
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def reference(request, mnist_h5, tmp_path_factory):
+    """The single-process run (no mpirun) of one configuration."""
+    out = tmp_path_factory.mktemp("ref") / request.param
+    result = launch_train(["--data", mnist_h5, "--out", out, *CONFIGS[request.param]])
+    assert result.returncode == 0, result.stderr
+    return request.param, run_result(out)
+
+
+@pytest.mark.parametrize("ranks", range(1, 9))
+def test_every_rank_count_matches_single_process(reference, ranks, mnist_h5, tmp_path):
+    name, (digest, metrics) = reference
+    extra = ["--stream"] if ranks % 2 else []   # streamed and in-memory reads agree too
+    result = launch_train(["--data", mnist_h5, "--out", tmp_path, *CONFIGS[name], *extra],
+                          ranks=ranks)
+    assert result.returncode == 0, result.stderr
+    got_digest, got_metrics = run_result(tmp_path)
+    assert got_digest == digest
+    assert got_metrics == metrics
+    assert json.loads((tmp_path / "summary.json").read_text())["world_size"] == ranks
+
+
+def test_outputs_and_single_config_print(mnist_h5, tmp_path):
+    result = launch_train(["--data", mnist_h5, "--out", tmp_path, "--train-limit", "300",
+                           "--val-size", "50", "--epochs", "2", "--layers", "784,8,10",
+                           "--max-steps", "12", "--batch-size", "32", "--block-size", "4"], ranks=3)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("layers       =") == 1
+    assert result.stdout.count("epoch ") == 2
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["epochs"] == 2 and summary["world_size"] == 3
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [8, 12]
+    for key in ("train_loss", "train_acc", "train_quadratic_cost", "train_cross_entropy",
+                "val_acc", "test_acc", "test_quadratic_cost", "test_cross_entropy",
+                "samples_per_s", "compute_s", "comm_s", "data_s"):
+        assert key in records[0]
+    with h5py.File(tmp_path / "model.h5", "r") as f:
+        assert list(f.attrs["layers"]) == [784, 8, 10]
+        assert f.attrs["activation"] == "sigmoid" and f.attrs["loss"] == "ce"
+        assert f.attrs["dtype"] == "float32"
+        blob = b"".join(f[f"layers/{i}/{p}"][...].tobytes() for i in range(2) for p in "Wb")
+    import hashlib
+    assert hashlib.sha256(blob).hexdigest() == summary["params_sha256"]
+
+
+def test_init_from_model_file(mnist_h5, tmp_path):
+    common = ["--data", mnist_h5, "--train-limit", "200", "--val-size", "0", "--layers",
+              "784,8,10", "--batch-size", "20", "--block-size", "5"]
+    first = launch_train([*common, "--epochs", "1", "--out", tmp_path / "a"])
+    assert first.returncode == 0, first.stderr
+    two = launch_train([*common, "--epochs", "2", "--no-shuffle", "--out", tmp_path / "two"])
+    resumed = launch_train([*common, "--epochs", "1", "--no-shuffle", "--out", tmp_path / "b",
+                            "--init", tmp_path / "a" / "model.h5"])
+    assert resumed.returncode == 0 and two.returncode == 0, resumed.stderr + two.stderr
+    # epoch 1 ordered == epoch 1 of "a" only when "a" was ordered too, so check the init was used
+    assert run_result(tmp_path / "b")[1][0]["train_loss"] < run_result(tmp_path / "a")[1][0]["train_loss"]
+
+
+def test_default_data_is_prepared_when_missing(tmp_path):
+    result = launch_train(["--train-limit", "100", "--val-size", "0", "--epochs", "1",
+                           "--layers", "784,4,10", "--out", "run"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "data" / "mnist.h5").is_file()
+    assert (tmp_path / "run" / "summary.json").is_file()
+
+
+def test_exception_on_one_rank_ends_the_job_promptly(mnist_h5, tmp_path):
+    import subprocess
+    import sys
+    start = time.monotonic()
+    result = subprocess.run(
+        [find_mpirun(), "-n", "4", sys.executable, str(ROOT / "tests" / "helpers" / "fail_on_rank.py"),
+         "2", "3", "--data", str(mnist_h5), "--out", str(tmp_path), "--train-limit", "2000",
+         "--val-size", "0", "--epochs", "50", "--layers", "784,8,10"],
+        env=run_env(), capture_output=True, text=True, timeout=60)
+    elapsed = time.monotonic() - start
+    assert result.returncode != 0
+    assert "rank 2 failed" in result.stderr
+    assert "deliberate failure on rank 2 at step 3" in result.stderr
+    assert elapsed < 30, elapsed
+    assert not (tmp_path / "summary.json").exists()
+
+
+def error_line(result):
+    """The single error line a user sees; asserts there is exactly one."""
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "0"], "--batch-size must be positive, got 0"),
+    (["--lr", "-1"], "--lr must be positive, got -1.0"),
+    (["--batch-size", "8", "--block-size", "4"],
+     "--batch-size 8 with --block-size 4 gives 2 blocks per step for 3 ranks; lower --block-size"),
+    (["--layers", "784,8,9"], "output width must be 10"),
+])
+def test_bad_settings_give_one_error_line(args, message, mnist_h5, tmp_path):
+    result = launch_train(["--data", mnist_h5, "--out", tmp_path / "o", *args], ranks=3, timeout=60)
+    assert result.returncode == 2
+    assert message in error_line(result)
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_and_wrong_schema_data_files(tmp_path):
+    missing = launch_train(["--data", tmp_path / "nope.h5", "--out", tmp_path / "o"], ranks=2,
+                           timeout=60)
+    assert missing.returncode == 2
+    assert "nope.h5: no such file" in error_line(missing)
+    wrong = tmp_path / "wrong.h5"
+    with h5py.File(wrong, "w") as f:
+        f.attrs["schema_version"] = 1
+        f["train/images"] = np.zeros((10, 28, 28), np.uint8)
+    bad = launch_train(["--data", wrong, "--out", tmp_path / "o"], ranks=2, timeout=60)
+    assert bad.returncode == 2
+    assert "wrong.h5: missing /train/images or /train/labels" in error_line(bad)
+    assert not (tmp_path / "o").exists()
+
+
+def test_init_with_other_layer_sizes_is_refused(mnist_h5, tmp_path):
+    from distnn import model, outputs
+    params = model.init_params([784, 30, 10])
+    outputs.save_model(tmp_path / "m.h5", params, [784, 30, 10], "sigmoid", "ce")
+    result = launch_train(["--data", mnist_h5, "--out", tmp_path / "o", "--init", tmp_path / "m.h5",
+                           "--layers", "784,16,10"], ranks=2, timeout=60)
+    assert result.returncode == 2
+    assert "its layers 784,30,10 do not match --layers 784,16,10" in error_line(result)
