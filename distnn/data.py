@@ -52,8 +52,8 @@ class Dataset:
             return np.arange(n)
         return np.random.default_rng([seed, epoch]).permutation(n)
 
-    def get(self, split, positions, dtype):
-        """Images scaled to [0, 1] in ``dtype`` and int64 labels for positions in a split."""
+    def get(self, split, positions):
+        """uint8 images (n, 784) and int64 labels for positions in a split."""
         file_rows = self.rows[split][positions]
         source = "test" if split == "test" else "train"
         if self.stream:
@@ -66,7 +66,7 @@ class Dataset:
                 labels[order] = self._read(source, "labels", ascending)
         else:
             images, labels = (a[file_rows] for a in self.memory[source])
-        return images.astype(dtype) / dtype(255), labels.astype(np.int64)
+        return images, labels.astype(np.int64)
 
     def _read(self, split, kind, rows):
         try:

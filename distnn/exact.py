@@ -1,20 +1,26 @@
-"""Exact, order-independent sums across blocks and MPI ranks.
+"""Exact, order-independent sums across rows and MPI ranks.
 
 Floating-point addition is not associative, so summing per-rank partial
-gradients gives different bits for different rank counts. Here every summand
-is one fixed-size *block*'s contribution, whose bits do not depend on the rank
-count. Each part (a gradient tensor, a vector of statistics) gets one scale
-agreed by all ranks, ``2**(S - e)``, where ``2**e`` bounds the part's largest
-|value| on any rank and ``S = 52 - ceil(log2(total_blocks))``. Scaled values
-are rounded to integers held in float64; a sum of ``total_blocks`` of them
-stays below 2**53, where float64 integer addition is exact in any order. So
-per-rank sums and the MPI ``Allreduce(SUM)`` give the same numbers whatever
-the partition. The resolution is 2**-S of the largest block value (2**-49 for
-8 blocks): far finer than float32 and about float64's own rounding of a sum.
+gradients in floating point gives different bits for different rank counts.
+distnn instead makes every summand an integer held in float64: a sum of
+integers stays exact in any order while every partial sum is below 2**53, so
+per-rank sums, BLAS's blocking and the MPI ``Allreduce(SUM)`` all give the same
+numbers whatever the partition.
 
-Cost per call: one ``Allreduce(MAX)`` of len(parts)+1 int64, one scaling pass
-over the local blocks, and one ``Allreduce(SUM)`` of a single preallocated
-float64 buffer holding every part.
+Values are put on integer grids by scaling with a power of two agreed by all
+ranks (from one ``Allreduce(MAX)`` of exponents) and rounding. With ``N`` rows
+in a global batch, ``H = 52 - ceil(log2 N)`` bits are available per summand:
+
+- a plain sum over rows (statistics, bias gradients) rounds each value to
+  ``H`` bits below the largest |value| on any rank;
+- a weight gradient ``sum_r a_r^T d_r`` splits the bits between the two
+  factors, which are multiplied by one float64 GEMM. The first layer's input
+  is the pixel value 0..255 itself, already an integer (8 bits), leaving
+  ``H - 8`` bits for the delta (36 bits at N = 256); deeper layers give each
+  factor about ``H / 2`` bits (22 at N = 256).
+
+The rows' own values come from fixed-size blocks whose bits do not depend on
+the rank count, so the rounded integers, and hence the sums, do not either.
 """
 
 import time
@@ -27,58 +33,126 @@ MIN_EXP = -900    # parts below 2**-900 count as zero (keeps 2**shift finite)
 
 
 class NonFiniteError(ArithmeticError):
-    """Some rank produced a NaN or infinity in a part to be summed."""
+    """Some rank produced a NaN or infinity in a value to be summed."""
+
+
+def headroom_bits(total_rows):
+    """Bits per summand such that ``total_rows`` of them stay below 2**52."""
+    return 52 - max(int(total_rows) - 1, 0).bit_length()
+
+
+def exponent(x):
+    """e with max|x| < 2**e (EMPTY for all zeros); raises NonFiniteError on NaN/inf."""
+    peak = float(np.max(np.abs(x))) if x.size else 0.0
+    if not np.isfinite(peak):
+        raise NonFiniteError("a NaN or infinity appeared in the loss or gradients")
+    return max(int(np.frexp(peak)[1]), MIN_EXP) if peak > 0 else EMPTY
+
+
+def on_grid(x, shift):
+    """round(x * 2**shift) as integer-valued float64."""
+    grid = np.multiply(x, 2.0 ** shift, dtype=np.float64)
+    return np.rint(grid, out=grid)
+
+
+class _Agreement:
+    """One Allreduce(MAX) over a vector of exponents plus a non-finite flag."""
+
+    def __init__(self, n, comm):
+        self.comm = comm
+        self.local = np.zeros(n + 1, dtype=np.int64)
+        self.agreed = np.zeros(n + 1, dtype=np.int64)
+
+    def __call__(self, arrays):
+        self.local[-1] = 0
+        for k, x in enumerate(arrays):
+            try:
+                self.local[k] = exponent(x)
+            except NonFiniteError:
+                self.local[k], self.local[-1] = EMPTY, 1
+        self.comm.Allreduce(self.local, self.agreed, op=MPI.MAX)
+        if self.agreed[-1]:
+            raise NonFiniteError("a NaN or infinity appeared in the loss or gradients")
+        exps = self.agreed[:-1].copy()
+        exps[exps == EMPTY] = 0
+        return [int(e) for e in exps]
 
 
 class ExactSum:
-    """Sum per-block parts across ranks exactly; reuse one instance per set of shapes.
+    """Exact column sums over the rows of every rank, for arrays of fixed widths."""
 
-    ``shapes`` are the per-block shapes of the parts (without the block axis).
+    def __init__(self, widths, comm=MPI.COMM_SELF):
+        self.comm = comm
+        self.offsets = np.concatenate([[0], np.cumsum(widths)]).astype(int)
+        self.buffer = np.zeros(self.offsets[-1])
+        self.total = np.zeros_like(self.buffer)
+        self.agree = _Agreement(len(widths), comm)
+
+    def __call__(self, parts, total_rows):
+        """``parts[k]`` is (local rows, widths[k]); returns the global sums, float64."""
+        shifts = [headroom_bits(total_rows) - e for e in self.agree(parts)]
+        for k, part in enumerate(parts):
+            self.buffer[self.offsets[k]:self.offsets[k + 1]] = on_grid(part, shifts[k]).sum(axis=0)
+        self.comm.Allreduce(self.buffer, self.total, op=MPI.SUM)
+        return [np.ldexp(self.total[self.offsets[k]:self.offsets[k + 1]], -shifts[k])
+                for k in range(len(parts))]
+
+
+class ExactGradients:
+    """Exact ``sum_r a_r^T d_r`` and ``sum_r d_r`` per layer, plus statistic sums.
+
+    ``layers`` are the widths; the first layer's input must be integer-valued
+    with |value| < 2**first_input_bits (pixels 0..255: 8 bits).
     """
 
-    def __init__(self, shapes, comm=MPI.COMM_SELF):
+    def __init__(self, layers, n_stats, comm=MPI.COMM_SELF, first_input_bits=8):
         self.comm = comm
-        self.shapes = [tuple(s) for s in shapes]
-        sizes = [int(np.prod(s)) for s in self.shapes]
+        self.first_input_bits = first_input_bits
+        self.shapes = [(i, o) for i, o in zip(layers[:-1], layers[1:])]
+        sizes = [n for i, o in self.shapes for n in (i * o, o)] + [n_stats]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
-        self.buffer = np.zeros(self.offsets[-1], dtype=np.float64)
+        self.buffer = np.zeros(self.offsets[-1])
         self.total = np.zeros_like(self.buffer)
-        self.exps = np.zeros(len(self.shapes) + 1, dtype=np.int64)
-        self.max_exps = np.zeros_like(self.exps)
-        self.seconds = 0.0  # time spent in the last call (scaling and both Allreduces)
+        n_layers = len(self.shapes)
+        self.agree = _Agreement(2 * n_layers, comm)  # inputs 1.., deltas, stats
+        self.seconds = 0.0  # time of the last call: exponents, rounding, GEMMs, Allreduces
 
-    def __call__(self, parts, total_blocks):
-        """Return the exact global sums over the block axis of every part, as float64.
+    def _slot(self, k):
+        return self.buffer[self.offsets[k]:self.offsets[k + 1]]
 
-        ``parts[k]`` has shape (local_blocks, *shapes[k]); ``total_blocks`` is the
-        number of blocks over all ranks (it sets the headroom).
+    def __call__(self, inputs, deltas, stats, total_rows):
+        """Sum over all rows of all ranks.
+
+        ``inputs[l]`` (rows, fan_in) is layer l's input (``inputs[0]`` the integer
+        pixels), ``deltas[l]`` (rows, fan_out) its dLoss/dz, ``stats`` (rows, n).
+        Returns ([(sum a^T d, sum d) per layer], stat sums), all float64.
         """
         start = time.perf_counter()
-        self._agree_exponents(parts)
-        bits = 52 - max(int(total_blocks) - 1, 0).bit_length()
-        shifts = [bits - int(e) for e in self.max_exps[:-1]]
-        for k, part in enumerate(parts):
-            view = self.buffer[self.offsets[k]:self.offsets[k + 1]]
-            if part.shape[0] == 0:
-                view[:] = 0
-                continue
-            grid = np.multiply(part, 2.0 ** shifts[k], dtype=np.float64)
-            np.rint(grid, out=grid)
-            np.sum(grid.reshape(part.shape[0], -1), axis=0, out=view)
+        exps = self.agree(list(inputs[1:]) + list(deltas) + [stats])
+        n_layers = len(self.shapes)
+        in_exps, d_exps, stat_exp = [None] + exps[:n_layers - 1], exps[n_layers - 1:-1], exps[-1]
+        bits = headroom_bits(total_rows)
+        scales = []
+        for l, (a, d) in enumerate(zip(inputs, deltas)):
+            if l == 0:
+                qa, a_shift, d_bits = a, 0, bits - self.first_input_bits
+            else:
+                a_bits = bits // 2
+                a_shift, d_bits = a_bits - in_exps[l], bits - a_bits
+                qa = on_grid(a, a_shift)
+            d_shift = d_bits - d_exps[l]
+            qd = on_grid(d, d_shift)
+            np.matmul(qa.T, qd, out=self._slot(2 * l).reshape(self.shapes[l]))
+            np.sum(qd, axis=0, out=self._slot(2 * l + 1))
+            scales.append((a_shift + d_shift, d_shift))
+        stat_shift = bits - stat_exp
+        self._slot(2 * n_layers)[:] = on_grid(stats, stat_shift).sum(axis=0)
         self.comm.Allreduce(self.buffer, self.total, op=MPI.SUM)
+        grads = []
+        for l, (w_shift, b_shift) in enumerate(scales):
+            W = np.ldexp(self.total[self.offsets[2 * l]:self.offsets[2 * l + 1]], -w_shift)
+            b = np.ldexp(self.total[self.offsets[2 * l + 1]:self.offsets[2 * l + 2]], -b_shift)
+            grads.append((W.reshape(self.shapes[l]), b))
+        stat_sums = np.ldexp(self.total[self.offsets[-2]:], -stat_shift)
         self.seconds = time.perf_counter() - start
-        return [np.ldexp(self.total[self.offsets[k]:self.offsets[k + 1]], -shifts[k]).reshape(shape)
-                for k, shape in enumerate(self.shapes)]
-
-    def _agree_exponents(self, parts):
-        nonfinite = 0
-        for k, part in enumerate(parts):
-            peak = float(np.max(np.abs(part))) if part.size else 0.0
-            if not np.isfinite(peak):
-                nonfinite = 1
-            self.exps[k] = max(np.frexp(peak)[1], MIN_EXP) if 0 < peak < np.inf else EMPTY
-        self.exps[-1] = nonfinite
-        self.comm.Allreduce(self.exps, self.max_exps, op=MPI.MAX)
-        if self.max_exps[-1]:
-            raise NonFiniteError("a NaN or infinity appeared in the loss or gradients")
-        self.max_exps[:-1][self.max_exps[:-1] == EMPTY] = 0
+        return grads, stat_sums

@@ -7,7 +7,7 @@ come as a pair from :mod:`distnn.losses`.
 
 The public API (``init_params``, ``forward``, ``loss_and_grads``, ``sgd_step``,
 ``metrics``) works on a batch ``X`` of shape (N, fan_in). The building blocks
-``forward_pass`` and ``backward`` also accept stacks of blocks shaped
+``forward_pass`` and ``layer_deltas`` also accept stacks of blocks shaped
 (B, rows, fan_in): the distributed trainer runs them block by block so every
 block's bits are independent of how many ranks share the batch.
 """
@@ -60,20 +60,26 @@ def forward_pass(params, X, activation="sigmoid", loss="ce"):
     return inputs, zs, a
 
 
+def layer_deltas(params, inputs, zs, delta, activation="sigmoid"):
+    """dLoss/dz of every layer, from the output layer's ``delta`` backwards.
+
+    Works on (rows, k) arrays or stacks (B, rows, k).
+    """
+    _, f_grad = activations.get(activation)
+    deltas = [delta]
+    for i in range(len(params) - 1, 0, -1):
+        delta = (delta @ params[i][0].T) * f_grad(zs[i - 1], inputs[i])
+        deltas.insert(0, delta)
+    return deltas
+
+
 def backward(params, inputs, zs, delta, activation="sigmoid"):
     """Gradients summed over the rows of ``delta`` (dLoss/dz of the output layer).
 
-    Works on (rows, k) arrays or stacks (B, rows, k); returns one (dW, db) per
-    layer, with the stack axis kept.
+    dW = input^T @ delta and db = sum of delta over rows, for every layer.
     """
-    _, f_grad = activations.get(activation)
-    grads = [None] * len(params)
-    for i in range(len(params) - 1, -1, -1):
-        a_in = inputs[i]
-        grads[i] = (np.swapaxes(a_in, -1, -2) @ delta, delta.sum(axis=-2))
-        if i > 0:
-            delta = (delta @ params[i][0].T) * f_grad(zs[i - 1], inputs[i])
-    return grads
+    deltas = layer_deltas(params, inputs, zs, delta, activation)
+    return [(np.swapaxes(a, -1, -2) @ d, d.sum(axis=-2)) for a, d in zip(inputs, deltas)]
 
 
 def forward(params, X, activation="sigmoid", loss="ce"):

@@ -24,11 +24,11 @@ from distnn import config as dconfig
 from distnn import losses, model, outputs
 from distnn.data import Dataset
 from distnn.errors import UserError
-from distnn.exact import ExactSum, NonFiniteError
+from distnn.exact import ExactGradients, ExactSum, NonFiniteError
 
 PROG = "distnn.train"
 EVAL_BLOCK = 250  # rows per evaluation block: fixed, so metrics do not depend on P
-N_STATS = 4       # per block: loss, correct, quadratic cost, cross-entropy
+N_STATS = 4       # per row: loss, correct, quadratic cost, cross-entropy
 
 
 def block_range(n_blocks, size, rank):
@@ -38,35 +38,53 @@ def block_range(n_blocks, size, rank):
     return lo, lo + base + (rank < extra)
 
 
-def stack_blocks(X, labels, n_blocks, block_size, n_out):
-    """Pad rows to n_blocks * block_size and shape them as (n_blocks, block_size, ...)."""
+def stack_blocks(images, labels, n_blocks, block_size, n_out):
+    """Pad rows to n_blocks * block_size; return pixels (rows, 784), targets and mask.
+
+    Padding rows are zero and masked out; ``rows = n_blocks * block_size``.
+    """
     rows = n_blocks * block_size
-    Xs = np.zeros((rows, X.shape[1]), X.dtype)
-    Xs[:len(X)] = X
-    Ts = np.zeros((rows, n_out), X.dtype)
-    Ts[np.arange(len(labels)), labels] = 1
-    mask = np.zeros(rows, X.dtype)
-    mask[:len(X)] = 1
-    return (Xs.reshape(n_blocks, block_size, X.shape[1]),
-            Ts.reshape(n_blocks, block_size, n_out), mask.reshape(n_blocks, block_size))
+    pixels = np.zeros((rows, images.shape[1]), np.float64)
+    pixels[:len(images)] = images
+    targets = np.zeros((rows, n_out))
+    targets[np.arange(len(labels)), labels] = 1
+    mask = np.zeros(rows)
+    mask[:len(images)] = 1
+    return pixels, targets, mask
 
 
-def block_stats(cfg, zs, y, T, mask):
-    """Per-block sums of loss, correct, quadratic cost and cross-entropy, (blocks, 4)."""
-    per_loss = losses.per_sample_loss(cfg.loss, zs[-1], y, T)
-    stats = [per_loss.astype(np.float64), *model.metric_sums(y, T)]
-    return np.stack([(s * mask).sum(axis=-1) for s in stats], axis=-1)
+def as_blocks(a, block_size):
+    return a.reshape(-1, block_size, a.shape[-1])
 
 
-def train_step(params, cfg, X, T, mask, reducer, n_blocks, n_rows):
-    """One SGD step on this rank's blocks; returns (new params, global stat sums)."""
+def row_stats(cfg, z, y, T, mask):
+    """Per-row loss, correct, quadratic cost and cross-entropy (zero on padding)."""
+    stats = [losses.per_sample_loss(cfg.loss, z, y, T), *model.metric_sums(y, T)]
+    return np.stack([s.astype(np.float64) for s in stats], axis=-1) * mask[..., None]
+
+
+def train_step(params, cfg, pixels, T, mask, reducer, n_rows, total_rows):
+    """One SGD step on this rank's rows (whole blocks); returns (params, global stat sums).
+
+    ``n_rows`` is the global batch size, ``total_rows`` the same padded to whole blocks.
+
+    Forward and backward run block by block (the bits of a block do not depend
+    on the rank count); the gradients are summed exactly by ``reducer``.
+    """
+    dtype, bs = cfg.np_dtype, cfg.block_size
+    X = as_blocks(pixels.astype(dtype) / dtype(255), bs)
+    Tb, maskb = as_blocks(T.astype(dtype), bs), as_blocks(mask[:, None].astype(dtype), bs)
     inputs, zs, y = model.forward_pass(params, X, cfg.activation, cfg.loss)
-    delta = losses.output_delta(cfg.loss, zs[-1], y, T) * mask[..., None]
-    grads = model.backward(params, inputs, zs, delta, cfg.activation)
-    parts = [g for pair in grads for g in pair] + [block_stats(cfg, zs, y, T, mask)]
-    sums = reducer(parts, n_blocks)
-    mean = [(sums[2 * i] / n_rows, sums[2 * i + 1] / n_rows) for i in range(len(params))]
-    return model.sgd_step(params, mean, cfg.lr), sums[-1]
+    delta = losses.output_delta(cfg.loss, zs[-1], y, Tb) * maskb
+    deltas = model.layer_deltas(params, inputs, zs, delta, cfg.activation)
+    rows = len(pixels)
+    flat_inputs = [pixels] + [a.reshape(rows, a.shape[-1]) for a in inputs[1:]]
+    flat_deltas = [d.reshape(rows, d.shape[-1]) for d in deltas]
+    stats = row_stats(cfg, zs[-1], y, Tb, maskb[..., 0]).reshape(rows, N_STATS)
+    sums, stat_sums = reducer(flat_inputs, flat_deltas, stats, total_rows)
+    mean = [(W / 255.0 / n_rows if i == 0 else W / n_rows, b / n_rows)
+            for i, (W, b) in enumerate(sums)]
+    return model.sgd_step(params, mean, cfg.lr), stat_sums
 
 
 def evaluate(params, cfg, data, split, comm, reducer):
@@ -76,10 +94,14 @@ def evaluate(params, cfg, data, split, comm, reducer):
         return None
     n_blocks = -(-n // EVAL_BLOCK)
     lo, hi = block_range(n_blocks, comm.size, comm.rank)
-    X, labels = data.get(split, np.arange(lo * EVAL_BLOCK, min(hi * EVAL_BLOCK, n)), cfg.np_dtype)
-    Xs, Ts, mask = stack_blocks(X, labels, hi - lo, EVAL_BLOCK, cfg.layers[-1])
-    _, zs, y = model.forward_pass(params, Xs, cfg.activation, cfg.loss)
-    correct, quad, cross = reducer([block_stats(cfg, zs, y, Ts, mask)], n_blocks)[0][1:]
+    images, labels = data.get(split, np.arange(lo * EVAL_BLOCK, min(hi * EVAL_BLOCK, n)))
+    pixels, T, mask = stack_blocks(images, labels, hi - lo, EVAL_BLOCK, cfg.layers[-1])
+    X = as_blocks(pixels.astype(cfg.np_dtype) / cfg.np_dtype(255), EVAL_BLOCK)
+    _, zs, y = model.forward_pass(params, X, cfg.activation, cfg.loss)
+    stats = row_stats(cfg, zs[-1], y, as_blocks(T, EVAL_BLOCK),
+                      as_blocks(mask[:, None], EVAL_BLOCK)[..., 0])
+    correct, quad, cross = reducer([stats.reshape(len(pixels), N_STATS)],
+                                   n_blocks * EVAL_BLOCK)[0][1:]
     return {"acc": correct / n, "quadratic_cost": quad / n, "cross_entropy": cross / n}
 
 
@@ -137,8 +159,8 @@ def run(cfg, comm=MPI.COMM_SELF, log=print):
     if rank == 0:
         log(f"{PROG}: {size} rank{'s' if size > 1 else ''}, {data.size('train')} training / "
             f"{data.size('val')} validation / {data.size('test')} test images\n{cfg.describe()}")
-    shapes = [s for W, b in params for s in (W.shape, b.shape)] + [(N_STATS,)]
-    reducer, eval_reducer = ExactSum(shapes, comm), ExactSum([(N_STATS,)], comm)
+    reducer = ExactGradients(cfg.layers, N_STATS, comm)
+    eval_reducer = ExactSum([N_STATS], comm)
     n_train = data.size("train")
     steps_per_epoch = -(-n_train // cfg.batch_size)
     step, trained, train_seconds, start = 0, 0, 0.0, time.perf_counter()
@@ -153,11 +175,12 @@ def run(cfg, comm=MPI.COMM_SELF, log=print):
             batch = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
             n_blocks = -(-len(batch) // cfg.block_size)
             lo, hi = block_range(n_blocks, size, rank)
-            X, labels = data.get("train", batch[lo * cfg.block_size:hi * cfg.block_size], cfg.np_dtype)
-            Xs, Ts, mask = stack_blocks(X, labels, hi - lo, cfg.block_size, cfg.layers[-1])
+            images, labels = data.get("train", batch[lo * cfg.block_size:hi * cfg.block_size])
+            pixels, T, mask = stack_blocks(images, labels, hi - lo, cfg.block_size, cfg.layers[-1])
             t1 = time.perf_counter()
             try:
-                params, stats = train_step(params, cfg, Xs, Ts, mask, reducer, n_blocks, len(batch))
+                params, stats = train_step(params, cfg, pixels, T, mask, reducer, len(batch),
+                                           n_blocks * cfg.block_size)
             except NonFiniteError:
                 raise UserError(f"training diverged at epoch {epoch}, step {step + 1}: the loss or "
                                 f"gradients became NaN or infinite; lower --lr (now {cfg.lr})",

@@ -6,7 +6,7 @@ import pytest
 from distnn import train
 from distnn.comm import params_digest
 from distnn.config import Config
-from distnn.exact import ExactSum, NonFiniteError
+from distnn.exact import ExactGradients, ExactSum, NonFiniteError
 
 
 @pytest.fixture
@@ -17,22 +17,44 @@ def comm():
 
 @pytest.mark.mpi(min_size=2)
 def test_exact_sum_is_independent_of_the_partition(comm):
-    """Any split of 37 blocks over the ranks gives the bits of the serial sum."""
+    """Any split of 37 rows over the ranks gives the bits of the serial sum."""
     from mpi4py import MPI
     rng = np.random.default_rng(11)
-    blocks = [rng.normal(size=(37, 5, 3)) * 10.0 ** rng.integers(-6, 6, (37, 5, 3)),
-              rng.normal(size=(37, 4)).astype(np.float32)]
-    serial = ExactSum([(5, 3), (4,)], MPI.COMM_SELF)(blocks, 37)
+    rows = [rng.normal(size=(37, 15)) * 10.0 ** rng.integers(-6, 6, (37, 15)),
+            rng.normal(size=(37, 4)).astype(np.float32)]
+    serial = ExactSum([15, 4], MPI.COMM_SELF)(rows, 37)
     for trial in range(5):
         cuts = np.sort(np.random.default_rng(trial).integers(0, 38, comm.size - 1))
         edges = np.concatenate([[0], cuts, [37]])
         lo, hi = edges[comm.rank], edges[comm.rank + 1]
-        mine = [b[lo:hi] for b in blocks]
-        got = ExactSum([(5, 3), (4,)], comm)(mine, 37)
+        got = ExactSum([15, 4], comm)([r[lo:hi] for r in rows], 37)
         assert all(np.array_equal(a, b) for a, b in zip(got, serial))
-        plain = np.zeros(15)
-        comm.Allreduce(np.ascontiguousarray(blocks[0][lo:hi].sum(axis=0).ravel()), plain)
-        assert np.allclose(plain.reshape(5, 3), serial[0], rtol=1e-12, atol=1e-300)
+        assert np.allclose(got[0], rows[0].sum(axis=0), rtol=1e-12, atol=0)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_exact_gradients_are_independent_of_the_partition(comm):
+    """sum_r a_r^T d_r over any split of the rows equals the serial result, bit for bit."""
+    from mpi4py import MPI
+    rng = np.random.default_rng(5)
+    n = 41
+    pixels = rng.integers(0, 256, (n, 6)).astype(np.float64)
+    hidden = rng.uniform(0, 1, (n, 5)).astype(np.float32)
+    deltas = [rng.normal(size=(n, 5)).astype(np.float32), rng.normal(size=(n, 3)).astype(np.float32)]
+    stats = rng.uniform(0, 3, (n, 2))
+    serial = ExactGradients([6, 5, 3], 2, MPI.COMM_SELF)([pixels, hidden], deltas, stats, n)
+    for trial in range(5):
+        cuts = np.sort(np.random.default_rng(100 + trial).integers(0, n + 1, comm.size - 1))
+        edges = np.concatenate([[0], cuts, [n]])
+        lo, hi = edges[comm.rank], edges[comm.rank + 1]
+        grads, sums = ExactGradients([6, 5, 3], 2, comm)(
+            [pixels[lo:hi], hidden[lo:hi]], [d[lo:hi] for d in deltas], stats[lo:hi], n)
+        for (gW, gb), (sW, sb) in zip(grads, serial[0]):
+            assert np.array_equal(gW, sW) and np.array_equal(gb, sb)
+        assert np.array_equal(sums, serial[1])
+    # and the exact sums are the true sums to within their grid
+    np.testing.assert_allclose(serial[0][0][0], pixels.T @ deltas[0].astype(np.float64), rtol=1e-9)
+    np.testing.assert_allclose(serial[0][1][0], hidden.T.astype(np.float64) @ deltas[1], rtol=1e-5)
 
 
 @pytest.mark.mpi(min_size=2)
@@ -41,7 +63,7 @@ def test_non_finite_on_one_rank_is_seen_by_all(comm):
     if comm.rank == comm.size - 1:
         part[0, 1] = np.nan
     with pytest.raises(NonFiniteError):
-        ExactSum([(3,)], comm)([part], comm.size)
+        ExactSum([3], comm)([part], comm.size)
 
 
 @pytest.mark.mpi(min_size=2)
