@@ -21,8 +21,8 @@ class Config:
     loss: str = "ce"
     batch_size: int = 64
     block_size: int = 8
-    lr: float = 0.5
-    epochs: int = 20
+    lr: float = 1.0
+    epochs: int = 30
     max_steps: int = 0
     seed: int = 0
     dtype: str = "float32"

@@ -49,6 +49,13 @@ def exponent(x):
     return max(int(np.frexp(peak)[1]), MIN_EXP) if peak > 0 else EMPTY
 
 
+def off_grid(total, shift, factor):
+    """total * 2**-shift * factor, in one pass unless 2**-shift would leave float64's range."""
+    if abs(shift) < 900:
+        return total * (2.0 ** -shift * factor)
+    return np.ldexp(total, -shift) * factor
+
+
 def on_grid(x, shift):
     """round(x * 2**shift) as integer-valued float64."""
     grid = np.multiply(x, 2.0 ** shift, dtype=np.float64)
@@ -62,6 +69,7 @@ class _Agreement:
         self.comm = comm
         self.local = np.zeros(n + 1, dtype=np.int64)
         self.agreed = np.zeros(n + 1, dtype=np.int64)
+        self.seconds = 0.0  # time in the last Allreduce
 
     def __call__(self, arrays):
         self.local[-1] = 0
@@ -70,7 +78,9 @@ class _Agreement:
                 self.local[k] = exponent(x)
             except NonFiniteError:
                 self.local[k], self.local[-1] = EMPTY, 1
+        start = time.perf_counter()
         self.comm.Allreduce(self.local, self.agreed, op=MPI.MAX)
+        self.seconds = time.perf_counter() - start
         if self.agreed[-1]:
             raise NonFiniteError("a NaN or infinity appeared in the loss or gradients")
         exps = self.agreed[:-1].copy()
@@ -94,7 +104,7 @@ class ExactSum:
         for k, part in enumerate(parts):
             self.buffer[self.offsets[k]:self.offsets[k + 1]] = on_grid(part, shifts[k]).sum(axis=0)
         self.comm.Allreduce(self.buffer, self.total, op=MPI.SUM)
-        return [np.ldexp(self.total[self.offsets[k]:self.offsets[k + 1]], -shifts[k])
+        return [off_grid(self.total[self.offsets[k]:self.offsets[k + 1]], shifts[k], 1.0)
                 for k in range(len(parts))]
 
 
@@ -102,12 +112,15 @@ class ExactGradients:
     """Exact ``sum_r a_r^T d_r`` and ``sum_r d_r`` per layer, plus statistic sums.
 
     ``layers`` are the widths; the first layer's input must be integer-valued
-    with |value| < 2**first_input_bits (pixels 0..255: 8 bits).
+    with |value| < 2**first_input_bits (pixels 0..255: 8 bits) and stands for
+    that integer times ``first_input_scale`` (1/255: pixels scaled to [0, 1]).
     """
 
-    def __init__(self, layers, n_stats, comm=MPI.COMM_SELF, first_input_bits=8):
+    def __init__(self, layers, n_stats, comm=MPI.COMM_SELF, first_input_bits=8,
+                 first_input_scale=1 / 255):
         self.comm = comm
         self.first_input_bits = first_input_bits
+        self.first_input_scale = first_input_scale
         self.shapes = [(i, o) for i, o in zip(layers[:-1], layers[1:])]
         sizes = [n for i, o in self.shapes for n in (i * o, o)] + [n_stats]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
@@ -115,19 +128,19 @@ class ExactGradients:
         self.total = np.zeros_like(self.buffer)
         n_layers = len(self.shapes)
         self.agree = _Agreement(2 * n_layers, comm)  # inputs 1.., deltas, stats
-        self.seconds = 0.0  # time of the last call: exponents, rounding, GEMMs, Allreduces
+        self.comm_seconds = 0.0  # time of the last call's two Allreduces
 
     def _slot(self, k):
         return self.buffer[self.offsets[k]:self.offsets[k + 1]]
 
-    def __call__(self, inputs, deltas, stats, total_rows):
-        """Sum over all rows of all ranks.
+    def __call__(self, inputs, deltas, stats, total_rows, divide_by=1):
+        """Sum over all rows of all ranks, divided by ``divide_by`` (the batch size for means).
 
         ``inputs[l]`` (rows, fan_in) is layer l's input (``inputs[0]`` the integer
         pixels), ``deltas[l]`` (rows, fan_out) its dLoss/dz, ``stats`` (rows, n).
-        Returns ([(sum a^T d, sum d) per layer], stat sums), all float64.
+        Returns ([(sum a^T d, sum d) per layer], stat sums), all float64; the
+        statistics are not divided.
         """
-        start = time.perf_counter()
         exps = self.agree(list(inputs[1:]) + list(deltas) + [stats])
         n_layers = len(self.shapes)
         in_exps, d_exps, stat_exp = [None] + exps[:n_layers - 1], exps[n_layers - 1:-1], exps[-1]
@@ -147,12 +160,15 @@ class ExactGradients:
             scales.append((a_shift + d_shift, d_shift))
         stat_shift = bits - stat_exp
         self._slot(2 * n_layers)[:] = on_grid(stats, stat_shift).sum(axis=0)
+        start = time.perf_counter()
         self.comm.Allreduce(self.buffer, self.total, op=MPI.SUM)
+        self.comm_seconds = time.perf_counter() - start + self.agree.seconds
         grads = []
         for l, (w_shift, b_shift) in enumerate(scales):
-            W = np.ldexp(self.total[self.offsets[2 * l]:self.offsets[2 * l + 1]], -w_shift)
-            b = np.ldexp(self.total[self.offsets[2 * l + 1]:self.offsets[2 * l + 2]], -b_shift)
+            w_factor = (self.first_input_scale if l == 0 else 1) / divide_by
+            W = off_grid(self.total[self.offsets[2 * l]:self.offsets[2 * l + 1]], w_shift, w_factor)
+            b = off_grid(self.total[self.offsets[2 * l + 1]:self.offsets[2 * l + 2]], b_shift,
+                         1 / divide_by)
             grads.append((W.reshape(self.shapes[l]), b))
-        stat_sums = np.ldexp(self.total[self.offsets[-2]:], -stat_shift)
-        self.seconds = time.perf_counter() - start
+        stat_sums = off_grid(self.total[self.offsets[-2]:], stat_shift, 1.0)
         return grads, stat_sums

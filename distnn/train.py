@@ -81,9 +81,7 @@ def train_step(params, cfg, pixels, T, mask, reducer, n_rows, total_rows):
     flat_inputs = [pixels] + [a.reshape(rows, a.shape[-1]) for a in inputs[1:]]
     flat_deltas = [d.reshape(rows, d.shape[-1]) for d in deltas]
     stats = row_stats(cfg, zs[-1], y, Tb, maskb[..., 0]).reshape(rows, N_STATS)
-    sums, stat_sums = reducer(flat_inputs, flat_deltas, stats, total_rows)
-    mean = [(W / 255.0 / n_rows if i == 0 else W / n_rows, b / n_rows)
-            for i, (W, b) in enumerate(sums)]
+    mean, stat_sums = reducer(flat_inputs, flat_deltas, stats, total_rows, divide_by=n_rows)
     return model.sgd_step(params, mean, cfg.lr), stat_sums
 
 
@@ -187,8 +185,8 @@ def run(cfg, comm=MPI.COMM_SELF, log=print):
                                 agreed=True) from None
             t2 = time.perf_counter()
             timers["data"] += t1 - t0
-            timers["compute"] += (t2 - t1) - reducer.seconds
-            timers["comm"] += reducer.seconds
+            timers["compute"] += (t2 - t1) - reducer.comm_seconds
+            timers["comm"] += reducer.comm_seconds
             totals += stats
             seen += len(batch)
             step += 1

@@ -53,7 +53,8 @@ def test_exact_gradients_are_independent_of_the_partition(comm):
             assert np.array_equal(gW, sW) and np.array_equal(gb, sb)
         assert np.array_equal(sums, serial[1])
     # and the exact sums are the true sums to within their grid
-    np.testing.assert_allclose(serial[0][0][0], pixels.T @ deltas[0].astype(np.float64), rtol=1e-9)
+    np.testing.assert_allclose(serial[0][0][0], pixels.T @ deltas[0].astype(np.float64) / 255,
+                               rtol=1e-9)
     np.testing.assert_allclose(serial[0][1][0], hidden.T.astype(np.float64) @ deltas[1], rtol=1e-5)
 
 
