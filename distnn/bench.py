@@ -21,7 +21,7 @@ from distnn import model
 from distnn.config import DEFAULT_DATA, Config
 from distnn.data import Dataset
 from distnn.exact import ExactGradients
-from distnn.train import N_STATS, block_range, stack_blocks, train_step
+from distnn.step import N_STATS, block_range, stack_blocks, train_step
 
 
 def parse_args(argv=None):

@@ -9,14 +9,15 @@ applies).
 
 import hashlib
 import sys
+import time
 import traceback
 
 from mpi4py import MPI
 
-from distnn.errors import UserError
+from distnn.errors import CleanExit, UserError
 
-EXIT_USER_ERROR = 2
 EXIT_FAILURE = 1
+ABORT_GRACE_S = 0.3
 
 
 def agree(comm, fn, *args):
@@ -62,19 +63,20 @@ def broadcast_params(comm, params):
 def run_or_abort(comm, prog, fn):
     """Run ``fn()``; map failures to one clear line and an exit code, never a hang.
 
-    An agreed UserError (or any UserError in a single-rank run) is printed once by
-    rank 0 and every rank exits with code 2. Anything else (a bug, a rank-local
-    failure) is printed by the failing rank and the whole job is aborted.
+    A CleanExit raised on every rank together (or in a single-rank run) is
+    printed once by rank 0 and every rank exits with its code. One raised on a
+    single rank, or any other exception (a bug), is printed by the failing rank
+    and the whole job is aborted.
     """
     try:
         return fn()
-    except UserError as exc:
+    except CleanExit as exc:
         if exc.agreed or comm.size == 1:
             if comm.rank == 0:
-                print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
-            sys.exit(EXIT_USER_ERROR)
-        print(f"{prog}: error: rank {comm.rank}: {exc}", file=sys.stderr, flush=True)
-        comm.Abort(EXIT_USER_ERROR)
+                print(f"{prog}: {exc.label}: {exc}", file=sys.stderr, flush=True)
+            sys.exit(exc.exit_code)
+        print(f"{prog}: {exc.label}: rank {comm.rank}: {exc}", file=sys.stderr, flush=True)
+        abort(comm, exc.exit_code)
     except (SystemExit, KeyboardInterrupt):
         raise
     except BaseException:
@@ -82,4 +84,13 @@ def run_or_abort(comm, prog, fn):
         print(f"{prog}: rank {comm.rank} failed:\n{text}", file=sys.stderr, flush=True)
         if comm.size == 1:
             sys.exit(EXIT_FAILURE)
-        comm.Abort(EXIT_FAILURE)
+        abort(comm, EXIT_FAILURE)
+
+
+def abort(comm, code):
+    """End every rank now. The short pause lets mpirun forward this rank's last output
+    (the error message) before it tears the job down."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    time.sleep(ABORT_GRACE_S)
+    comm.Abort(code)

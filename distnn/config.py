@@ -32,6 +32,9 @@ class Config:
     stream: bool = False
     init: str = ""
     out: str = ""
+    checkpoint_every: int = 500
+    keep: int = 3
+    resume: bool = False
 
     @property
     def np_dtype(self):
@@ -43,6 +46,27 @@ class Config:
     def describe(self):
         """The resolved configuration, one ``name = value`` per line."""
         return "\n".join(f"  {k:<12} = {v}" for k, v in dataclasses.asdict(self).items())
+
+
+# Settings that change a run's numbers; a resumed run must match them. (The data
+# file is compared by content, not path; epochs, max-steps, stream and the
+# checkpoint settings may change between an interrupted run and its resumption.)
+RESULT_FIELDS = ("layers", "activation", "loss", "dtype", "batch_size", "block_size", "lr",
+                 "seed", "val_size", "train_limit", "shuffle")
+
+
+def differences(saved, current, fields=RESULT_FIELDS):
+    """'--flag saved -> current' for each field that differs between two configs (dicts)."""
+    out = []
+    for name in fields:
+        a, b = saved.get(name), current.get(name)
+        if (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
+            out.append(f"--{name.replace('_', '-')} {fmt(a)} -> {fmt(b)}")
+    return out
+
+
+def fmt(value):
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def _layers(text):
@@ -96,6 +120,14 @@ def build_parser():
                    help="start from the parameters in this model.h5 instead of a random init")
     p.add_argument("--out", default=d.out,
                    help="output folder (default runs/<timestamp>)")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help="write a checkpoint every N steps, besides each epoch end "
+                        f"(default {d.checkpoint_every}; 0: epoch ends only)")
+    p.add_argument("--keep", type=int, default=d.keep,
+                   help=f"checkpoints to keep in <out>/checkpoints (default {d.keep})")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest valid checkpoint "
+                        "(starts afresh if it has none)")
     return p
 
 
@@ -113,8 +145,11 @@ def check(config):
     for flag, value in positive.items():
         if not value > 0:
             raise UserError(f"{flag} must be positive, got {value}")
+    if config.keep < 1:
+        raise UserError(f"--keep must be at least 1, got {config.keep}")
     for flag, value in {"--max-steps": config.max_steps, "--val-size": config.val_size,
-                        "--train-limit": config.train_limit}.items():
+                        "--train-limit": config.train_limit,
+                        "--checkpoint-every": config.checkpoint_every}.items():
         if value < 0:
             raise UserError(f"{flag} must be 0 or more, got {value}")
     if config.layers[0] != 784:

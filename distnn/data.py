@@ -3,10 +3,13 @@
 Every rank opens the HDF5 file read-only itself. By default a rank holds the
 images it may need in memory as uint8 (the full set: 60,000 x 784 B = 47 MB for
 training plus 7.8 MB for test, about 55 MB per rank); with ``stream=True`` it
-reads only the rows it is given, step by step. Pixels are scaled to [0, 1] in
-the run's dtype when rows are handed out.
+reads only the rows it is given, step by step. Rows are handed out as uint8
+pixels; the trainer scales them. A read that fails (a damaged chunk fails its
+Fletcher-32 checksum) raises a UserError naming the file and the rows.
 """
 
+import hashlib
+import json
 from pathlib import Path
 
 import h5py
@@ -14,6 +17,8 @@ import numpy as np
 
 from data_prep import PrepError, schema
 from distnn.errors import UserError
+
+READ_ROWS = 16 * schema.CHUNK_ROWS  # rows per read when loading into memory
 
 
 class Dataset:
@@ -33,11 +38,12 @@ class Dataset:
                      "test": np.arange(sizes["test"])}
         self.stream = stream
         self.file = h5py.File(self.path, "r")
+        self.fingerprint = fingerprint(self.file)
         self.memory = {}
         if not stream:
             for split, count in (("train", n), ("test", sizes["test"])):
-                self.memory[split] = (self._read(split, "images", slice(0, count)),
-                                      self._read(split, "labels", slice(0, count)))
+                self.memory[split] = (self._load(split, "images", count),
+                                      self._load(split, "labels", count))
 
     def close(self):
         self.file.close()
@@ -56,28 +62,74 @@ class Dataset:
         """uint8 images (n, 784) and int64 labels for positions in a split."""
         file_rows = self.rows[split][positions]
         source = "test" if split == "test" else "train"
-        if self.stream:
-            order = np.argsort(file_rows, kind="stable")
-            ascending = file_rows[order]
-            images = np.empty((len(file_rows), 784), np.uint8)
-            labels = np.empty(len(file_rows), np.uint8)
-            if len(file_rows):
-                images[order] = self._read(source, "images", ascending)
-                labels[order] = self._read(source, "labels", ascending)
-        else:
+        if not self.stream:
             images, labels = (a[file_rows] for a in self.memory[source])
+            return images, labels.astype(np.int64)
+        order = np.argsort(file_rows, kind="stable")
+        ascending = file_rows[order]
+        images = np.empty((len(file_rows), 784), np.uint8)
+        labels = np.empty(len(file_rows), np.uint8)
+        if len(file_rows):
+            images[order] = self._read_rows(source, "images", ascending)
+            labels[order] = self._read_rows(source, "labels", ascending)
         return images, labels.astype(np.int64)
 
-    def _read(self, split, kind, rows):
+    def _load(self, split, kind, count):
+        """Rows 0..count-1 of a dataset, read piece by piece."""
+        dataset = self.file[f"{split}/{kind}"]
+        pieces = []
+        for lo in range(0, count, READ_ROWS):
+            hi = min(lo + READ_ROWS, count)
+            try:
+                pieces.append(dataset[lo:hi])
+            except (OSError, ValueError):
+                self._locate_bad_chunk(dataset, lo, hi)
+        return np.concatenate(pieces) if pieces else dataset[0:0]
+
+    def _locate_bad_chunk(self, dataset, lo, hi):
+        """Raise UserError naming the first unreadable chunk of rows in [lo, hi)."""
+        for start in range(lo, hi, schema.CHUNK_ROWS):
+            stop = min(start + schema.CHUNK_ROWS, hi)
+            try:
+                dataset[start:stop]
+            except (OSError, ValueError) as exc:
+                raise UserError(f"{self.path}: cannot read {dataset.name} rows "
+                                f"{start}-{stop - 1}: {short(exc)}") from None
+        raise UserError(f"{self.path}: cannot read {dataset.name} rows {lo}-{hi - 1}")
+
+    def _read_rows(self, split, kind, rows):
+        """Given rows (ascending); on failure, name the rows that cannot be read."""
+        dataset = self.file[f"{split}/{kind}"]
         try:
-            return self.file[f"{split}/{kind}"][rows]
-        except (OSError, ValueError, KeyError) as exc:
-            where = (f"rows {rows.start}-{rows.stop - 1}" if isinstance(rows, slice)
-                     else f"rows {describe_rows(rows)}")
-            raise UserError(f"{self.path}: cannot read /{split}/{kind} {where}: {exc}") from None
+            return dataset[rows]
+        except (OSError, ValueError) as exc:
+            bad = [int(r) for r in rows if not readable(dataset, r)]
+            raise UserError(f"{self.path}: cannot read {dataset.name} rows "
+                            f"{describe_rows(bad or rows)}: {short(exc)}") from None
+
+
+def readable(dataset, row):
+    try:
+        dataset[row]
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def short(exc):
+    """The first line of an HDF5 error, which can run to many lines."""
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def describe_rows(rows):
     rows = np.asarray(rows)
     text = ", ".join(str(r) for r in rows[:5])
     return text + (f", ... ({len(rows)} rows)" if len(rows) > 5 else "")
+
+
+def fingerprint(f):
+    """SHA-256 identifying a data file's content: its sources' hashes and its shapes."""
+    ident = {key: str(value) for key, value in f.attrs.items()}
+    ident.update({name: list(f[name].shape) for name in
+                  ("train/images", "train/labels", "test/images", "test/labels")})
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()

@@ -1,9 +1,36 @@
-"""The one exception type for a user's mistake: shown as one line, never a traceback."""
+"""Ways a run ends early on purpose: one line on rank 0 and a documented exit code.
+
+Exit codes: 0 finished; 1 crashed (a bug or a lost rank; traceback shown);
+2 bad input or settings; 3 training diverged; 75 stopped by SIGTERM/SIGUSR1
+after writing a checkpoint (resume with --resume).
+"""
 
 
-class UserError(Exception):
-    """Bad input or settings. ``agreed`` is True when every rank raised it together."""
+class CleanExit(Exception):
+    """Ends the run with one message line and ``exit_code``, never a traceback.
+
+    ``agreed`` is True when every rank raised it together (so no rank is left
+    waiting in a collective call).
+    """
+    exit_code = 2
+    label = "error"
 
     def __init__(self, message, agreed=False):
         super().__init__(message)
         self.agreed = agreed
+
+
+class UserError(CleanExit):
+    """Bad input or settings."""
+    exit_code = 2
+
+
+class Diverged(CleanExit):
+    """The loss or gradients became NaN or infinite."""
+    exit_code = 3
+
+
+class Stopped(CleanExit):
+    """A stop signal arrived; a checkpoint was written."""
+    exit_code = 75
+    label = "stopped"

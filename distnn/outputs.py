@@ -75,6 +75,12 @@ class MetricsLog:
     def __init__(self, path):
         self.path = Path(path)
 
+    def rewrite(self, records):
+        """Replace the file with ``records`` (a resumed run drops lines past its checkpoint)."""
+        def write(tmp):
+            Path(tmp).write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+        atomic_write(self.path, write)
+
     def append(self, record):
         with open(self.path, "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")

@@ -1,0 +1,147 @@
+"""Checkpoints: HDF5 snapshots holding everything needed to continue a run exactly.
+
+A checkpoint is taken at a step boundary and holds the parameters, the global
+step, the epoch and the number of steps done in it, the epoch's running
+statistic sums, the metrics history, the configuration and the data file's
+fingerprint. Nothing else is needed: the validation split and every epoch's
+shuffle are pure functions of (seed, epoch), and the exact reduction makes the
+state independent of the rank count, so a run can resume on any number of
+ranks.
+
+Files are ``<out>/checkpoints/ckpt-<step>.h5``, written by rank 0 under a
+temporary name, fsync'd, renamed and the folder fsync'd: a crash at any moment
+leaves the previous checkpoint intact. Each file carries a SHA-256 of its
+contents, checked on load, and nothing in it is pickled.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+FORMAT = "distnn-checkpoint"
+VERSION = 1
+NAME = re.compile(r"^ckpt-(\d{9})\.h5$")
+
+
+class CheckpointError(Exception):
+    """A checkpoint file is unreadable, incomplete or fails its checksum."""
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Where a run stands at a step boundary."""
+    params: list
+    step: int = 0          # steps taken in the whole run
+    epoch: int = 1         # the epoch in progress (1-based)
+    position: int = 0      # steps of that epoch already taken
+    totals: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(4))
+    seen: int = 0          # samples of that epoch already trained on
+    history: list = dataclasses.field(default_factory=list)  # metrics records so far
+
+
+def digest(state, config_json, data_fingerprint):
+    """SHA-256 over every value a checkpoint stores, in a fixed order."""
+    h = hashlib.sha256()
+    for W, b in state.params:
+        h.update(np.ascontiguousarray(W).tobytes())
+        h.update(np.ascontiguousarray(b).tobytes())
+    h.update(np.asarray(state.totals, np.float64).tobytes())
+    meta = {"step": state.step, "epoch": state.epoch, "position": state.position,
+            "seen": state.seen, "history": state.history, "config": config_json,
+            "data": data_fingerprint}
+    h.update(json.dumps(meta, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def fsync_dir(folder):
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(folder, state, config_json, data_fingerprint, keep):
+    """Write a checkpoint for ``state`` atomically; keep only the newest ``keep``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"ckpt-{state.step:09d}.h5"
+    tmp = folder / f".{path.name}.tmp"
+    try:
+        with h5py.File(tmp, "w") as f:
+            for i, (W, b) in enumerate(state.params):
+                f[f"params/{i}/W"] = W
+                f[f"params/{i}/b"] = b
+            f["totals"] = np.asarray(state.totals, np.float64)
+            f.attrs.update({"format": FORMAT, "version": VERSION, "step": state.step,
+                            "epoch": state.epoch, "position": state.position,
+                            "seen": state.seen, "history": json.dumps(state.history),
+                            "config": config_json, "data": data_fingerprint,
+                            "sha256": digest(state, config_json, data_fingerprint)})
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(folder)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    for old in sorted(listing(folder))[:-keep]:
+        old[1].unlink(missing_ok=True)
+    for stale in folder.glob(".ckpt-*.tmp"):
+        stale.unlink(missing_ok=True)
+    return path
+
+
+def load(path):
+    """Read and verify one checkpoint; return (state, config_json, data_fingerprint)."""
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != FORMAT or f.attrs.get("version") != VERSION:
+                raise CheckpointError(f"{path}: not a distnn checkpoint (version {VERSION})")
+            n_layers = len(f["params"])
+            params = [(f[f"params/{i}/W"][...], f[f"params/{i}/b"][...]) for i in range(n_layers)]
+            state = TrainState(params=params, step=int(f.attrs["step"]),
+                               epoch=int(f.attrs["epoch"]), position=int(f.attrs["position"]),
+                               totals=f["totals"][...], seen=int(f.attrs["seen"]),
+                               history=json.loads(f.attrs["history"]))
+            config_json, data = str(f.attrs["config"]), str(f.attrs["data"])
+            stored = str(f.attrs["sha256"])
+    except CheckpointError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: unreadable or incomplete ({exc})") from None
+    if digest(state, config_json, data) != stored:
+        raise CheckpointError(f"{path}: checksum mismatch, the file is corrupt")
+    return state, config_json, data
+
+
+def listing(folder):
+    """(step, path) of the checkpoint files in ``folder``, oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := NAME.match(p.name))]
+    return sorted(found)
+
+
+def load_latest(folder, warn):
+    """The newest checkpoint that verifies, skipping corrupt ones with ``warn(message)``.
+
+    Returns None when there is no checkpoint at all; raises CheckpointError when
+    there are some but none verifies.
+    """
+    candidates = listing(folder)
+    for _, path in reversed(candidates):
+        try:
+            return (path, *load(path))
+        except CheckpointError as exc:
+            warn(f"skipping {exc}")
+    if candidates:
+        raise CheckpointError(f"{folder}: no valid checkpoint among {len(candidates)} files")
+    return None

@@ -1,0 +1,88 @@
+"""One step of exact data-parallel SGD, and distributed evaluation.
+
+Each global mini-batch is cut into blocks of ``block_size`` rows (the last one
+padded and masked). Each rank takes a contiguous run of blocks, runs forward
+and backward block by block, and the gradients are summed exactly
+(:mod:`distnn.exact`) with one Allreduce. Block bits do not depend on the rank
+count and the exact sum does not depend on the order, so every rank count
+produces the same parameters, bit for bit.
+"""
+
+import numpy as np
+
+from distnn import losses, model
+
+EVAL_BLOCK = 250  # rows per evaluation block: fixed, so metrics do not depend on P
+N_STATS = 4       # per row: loss, correct, quadratic cost, cross-entropy
+
+
+def block_range(n_blocks, size, rank):
+    """The contiguous run of blocks [lo, hi) that ``rank`` of ``size`` works on."""
+    base, extra = divmod(n_blocks, size)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (rank < extra)
+
+
+def stack_blocks(images, labels, n_blocks, block_size, n_out):
+    """Pad rows to n_blocks * block_size; return pixels (rows, 784), targets and mask.
+
+    Padding rows are zero and masked out; ``rows = n_blocks * block_size``.
+    """
+    rows = n_blocks * block_size
+    pixels = np.zeros((rows, images.shape[1]), np.float64)
+    pixels[:len(images)] = images
+    targets = np.zeros((rows, n_out))
+    targets[np.arange(len(labels)), labels] = 1
+    mask = np.zeros(rows)
+    mask[:len(images)] = 1
+    return pixels, targets, mask
+
+
+def as_blocks(a, block_size):
+    return a.reshape(-1, block_size, a.shape[-1])
+
+
+def row_stats(cfg, z, y, T, mask):
+    """Per-row loss, correct, quadratic cost and cross-entropy (zero on padding)."""
+    stats = [losses.per_sample_loss(cfg.loss, z, y, T), *model.metric_sums(y, T)]
+    return np.stack([s.astype(np.float64) for s in stats], axis=-1) * mask[..., None]
+
+
+def train_step(params, cfg, pixels, T, mask, reducer, n_rows, total_rows):
+    """One SGD step on this rank's rows (whole blocks); returns (params, global stat sums).
+
+    ``n_rows`` is the global batch size, ``total_rows`` the same padded to whole blocks.
+
+    Forward and backward run block by block (the bits of a block do not depend
+    on the rank count); the gradients are summed exactly by ``reducer``.
+    """
+    dtype, bs = cfg.np_dtype, cfg.block_size
+    X = as_blocks(pixels.astype(dtype) / dtype(255), bs)
+    Tb, maskb = as_blocks(T.astype(dtype), bs), as_blocks(mask[:, None].astype(dtype), bs)
+    inputs, zs, y = model.forward_pass(params, X, cfg.activation, cfg.loss)
+    delta = losses.output_delta(cfg.loss, zs[-1], y, Tb) * maskb
+    deltas = model.layer_deltas(params, inputs, zs, delta, cfg.activation)
+    rows = len(pixels)
+    flat_inputs = [pixels] + [a.reshape(rows, a.shape[-1]) for a in inputs[1:]]
+    flat_deltas = [d.reshape(rows, d.shape[-1]) for d in deltas]
+    stats = row_stats(cfg, zs[-1], y, Tb, maskb[..., 0]).reshape(rows, N_STATS)
+    mean, stat_sums = reducer(flat_inputs, flat_deltas, stats, total_rows, divide_by=n_rows)
+    return model.sgd_step(params, mean, cfg.lr), stat_sums
+
+
+def evaluate(params, cfg, data, split, comm, reducer):
+    """Accuracy, quadratic cost and cross-entropy on a split, scored across ranks."""
+    n = data.size(split)
+    if n == 0:
+        return None
+    n_blocks = -(-n // EVAL_BLOCK)
+    lo, hi = block_range(n_blocks, comm.size, comm.rank)
+    images, labels = data.get(split, np.arange(lo * EVAL_BLOCK, min(hi * EVAL_BLOCK, n)))
+    pixels, T, mask = stack_blocks(images, labels, hi - lo, EVAL_BLOCK, cfg.layers[-1])
+    X = as_blocks(pixels.astype(cfg.np_dtype) / cfg.np_dtype(255), EVAL_BLOCK)
+    _, zs, y = model.forward_pass(params, X, cfg.activation, cfg.loss)
+    stats = row_stats(cfg, zs[-1], y, as_blocks(T, EVAL_BLOCK),
+                      as_blocks(mask[:, None], EVAL_BLOCK)[..., 0])
+    correct, quad, cross = reducer([stats.reshape(len(pixels), N_STATS)],
+                                   n_blocks * EVAL_BLOCK)[0][1:]
+    return {"acc": correct / n, "quadratic_cost": quad / n, "cross_entropy": cross / n}

@@ -1,0 +1,207 @@
+"""Real signals, a killed rank, and resuming on another rank count: nothing lost, same bits."""
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import pytest
+
+from conftest import ROOT, find_mpirun, launch_train, run_env, run_result
+from distnn import checkpoint
+
+ARGS = ["--train-limit", "3200", "--val-size", "200", "--epochs", "4", "--layers", "784,64,10",
+        "--batch-size", "32", "--block-size", "4", "--checkpoint-every", "10"]
+EXIT_STOPPED = 75
+
+
+def wait_for(predicate, timeout, what):
+    """Poll ``predicate`` every 20 ms until true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def start_train(args, ranks):
+    command = [find_mpirun(), "-n", str(ranks), sys.executable, "-m", "distnn.train", *map(str, args)]
+    return subprocess.Popen(command, cwd=ROOT, env=run_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def has_checkpoint(out):
+    return lambda: bool(checkpoint.listing(Path(out) / "checkpoints"))
+
+
+def rank_pids(out):
+    """PIDs of the Python rank processes of the run writing to ``out``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if (entry.name.isdigit() and Path(argv[0].decode()).name.startswith("python")
+                and b"distnn.train" in argv and str(out).encode() in argv):
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.fixture(scope="module")
+def reference(mnist_h5, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    result = launch_train(["--data", mnist_h5, "--out", out, *ARGS])
+    assert result.returncode == 0, result.stderr
+    return run_result(out)
+
+
+def test_sigterm_on_4_ranks_then_resume_on_1(reference, mnist_h5, tmp_path):
+    job = start_train(["--data", mnist_h5, "--out", tmp_path, *ARGS], ranks=4)
+    wait_for(has_checkpoint(tmp_path), 60, "the first checkpoint")
+    job.send_signal(signal.SIGTERM)
+    _, err = job.communicate(timeout=60)
+    assert job.returncode == EXIT_STOPPED, err
+    assert "SIGTERM received: stopped after step" in err and "--resume" in err
+    step = checkpoint.listing(tmp_path / "checkpoints")[-1][0]
+    assert f"stopped after step {step}," in err
+    resumed = launch_train(["--data", mnist_h5, "--out", tmp_path, *ARGS, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from {tmp_path / 'checkpoints'}" in resumed.stdout
+    assert run_result(tmp_path) == reference
+
+
+def test_sigusr1_to_one_rank_stops_all(mnist_h5, tmp_path):
+    job = start_train(["--data", mnist_h5, "--out", tmp_path, *ARGS], ranks=2)
+    wait_for(has_checkpoint(tmp_path), 60, "the first checkpoint")
+    os.kill(rank_pids(tmp_path)[-1], signal.SIGUSR1)
+    _, err = job.communicate(timeout=60)
+    assert job.returncode == EXIT_STOPPED, err
+    assert "SIGUSR1 received" in err
+
+
+def test_killed_rank_ends_job_and_resume_on_3_ranks_matches(reference, mnist_h5, tmp_path):
+    job = start_train(["--data", mnist_h5, "--out", tmp_path, *ARGS], ranks=2)
+    wait_for(has_checkpoint(tmp_path), 60, "the first checkpoint")
+    killed_at = time.monotonic()
+    os.kill(rank_pids(tmp_path)[0], signal.SIGKILL)
+    job.communicate(timeout=60)
+    assert time.monotonic() - killed_at < 60
+    assert job.returncode != 0
+    newest = checkpoint.listing(tmp_path / "checkpoints")[-1][1]
+    checkpoint.load(newest)  # intact: verifies its checksum
+    resumed = launch_train(["--data", mnist_h5, "--out", tmp_path, *ARGS, "--resume"], ranks=3)
+    assert resumed.returncode == 0, resumed.stderr
+    assert run_result(tmp_path) == reference
+
+
+def test_resume_skips_a_corrupt_newest_checkpoint(reference, mnist_h5, tmp_path):
+    short = launch_train(["--data", mnist_h5, "--out", tmp_path, *ARGS, "--max-steps", "35"])
+    assert short.returncode == 0, short.stderr
+    found = checkpoint.listing(tmp_path / "checkpoints")
+    assert [s for s, _ in found] == [20, 30, 35]
+    found[-1][1].write_bytes(found[-1][1].read_bytes()[:1000])
+    resumed = launch_train(["--data", mnist_h5, "--out", tmp_path, *ARGS, "--resume"], ranks=2)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "warning: skipping" in resumed.stderr and "ckpt-000000035.h5" in resumed.stderr
+    assert "resuming from" in resumed.stdout and "ckpt-000000030.h5" in resumed.stdout
+    assert run_result(tmp_path) == reference
+
+
+def test_resume_refuses_settings_that_change_the_result(mnist_h5, tmp_path):
+    first = launch_train(["--data", mnist_h5, "--out", tmp_path, *ARGS, "--max-steps", "12"])
+    assert first.returncode == 0, first.stderr
+    changed = [a if a != "784,64,10" else "784,32,10" for a in ARGS]
+    bad = launch_train(["--data", mnist_h5, "--out", tmp_path, *changed, "--lr", "0.3",
+                        "--resume"], ranks=2)
+    assert bad.returncode == 2
+    lines = [l for l in bad.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and "Traceback" not in bad.stderr
+    assert "--layers 784,64,10 -> 784,32,10" in lines[0] and "--lr 1.0 -> 0.3" in lines[0]
+    fine = launch_train(["--data", mnist_h5, "--out", tmp_path, *ARGS, "--checkpoint-every", "7",
+                         "--max-steps", "20", "--resume"])
+    assert fine.returncode == 0, fine.stderr
+
+
+def test_without_resume_an_existing_run_is_not_overwritten(mnist_h5, tmp_path):
+    first = launch_train(["--data", mnist_h5, "--out", tmp_path, *ARGS, "--max-steps", "3"])
+    assert first.returncode == 0
+    before = (tmp_path / "summary.json").read_bytes()
+    again = launch_train(["--data", mnist_h5, "--out", tmp_path, *ARGS, "--max-steps", "3"])
+    assert again.returncode == 2 and "add --resume" in again.stderr
+    assert (tmp_path / "summary.json").read_bytes() == before
+
+
+def test_divergence_stops_cleanly_and_keeps_last_good_checkpoint(mnist_h5, tmp_path):
+    result = launch_train(["--data", mnist_h5, "--out", tmp_path, "--train-limit", "2000",
+                           "--val-size", "0", "--layers", "784,32,10", "--activation", "identity",
+                           "--lr", "100", "--checkpoint-every", "5"], ranks=2, timeout=120)
+    assert result.returncode == 3
+    assert "training diverged" in result.stderr and "lower --lr" in result.stderr
+    assert "Traceback" not in result.stderr
+    found = checkpoint.listing(tmp_path / "checkpoints")
+    assert found
+    state = checkpoint.load(found[-1][1])[0]
+    assert all(W.max() < float("inf") for W, _ in state.params)
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_ranks_with_different_settings_are_refused(mnist_h5, tmp_path):
+    base = [sys.executable, "-m", "distnn.train", "--data", str(mnist_h5), "--out", str(tmp_path),
+            "--train-limit", "200", "--val-size", "0"]
+    result = subprocess.run([find_mpirun(), "-n", "1", *base, "--lr", "0.1", ":", "-n", "1", *base,
+                             "--lr", "0.2"], cwd=ROOT, env=run_env(), capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2
+    assert "rank 1 was started with different settings from rank 0" in result.stderr
+    assert "--lr 0.1 -> 0.2" in result.stderr
+
+
+def test_ranks_with_different_data_files_are_refused(mnist_h5, tmp_path):
+    other = tmp_path / "other.h5"
+    shutil.copy(mnist_h5, other)
+    with h5py.File(other, "a") as f:
+        f.attrs["sha256_train_images"] = "0" * 64
+    common = ["--out", str(tmp_path / "o"), "--train-limit", "200", "--val-size", "0"]
+    train = [sys.executable, "-m", "distnn.train"]
+    result = subprocess.run([find_mpirun(), "-n", "1", *train, "--data", str(mnist_h5), *common,
+                             ":", "-n", "1", *train, "--data", str(other), *common],
+                            cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "rank 1 reads a different data file" in result.stderr and "other.h5" in result.stderr
+
+
+def corrupt_chunk(path, chunk_index):
+    """Flip bytes inside one chunk of /train/images; return that chunk's first row."""
+    with h5py.File(path, "r") as f:
+        info = f["train/images"].id.get_chunk_info(chunk_index)
+    data = bytearray(Path(path).read_bytes())
+    for k in range(0, 2000, 97):
+        data[info.byte_offset + 5000 + k] ^= 0xFF
+    Path(path).write_bytes(bytes(data))
+    return info.chunk_offset[0]
+
+
+def test_unreadable_rows_are_named_mid_run_and_at_load(mnist_h5, tmp_path):
+    damaged = tmp_path / "damaged.h5"
+    shutil.copy(mnist_h5, damaged)
+    first_row = corrupt_chunk(damaged, 5)
+    args = ["--data", damaged, "--train-limit", "3200", "--val-size", "0", "--epochs", "1",
+            "--layers", "784,8,10", "--batch-size", "64", "--checkpoint-every", "0"]
+    streamed = launch_train([*args, "--stream", "--out", tmp_path / "s"], ranks=2, timeout=120)
+    assert streamed.returncode == 2, streamed.stderr
+    named = re.search(rf"{re.escape(str(damaged))}: cannot read /train/images rows ([\d, ]+)",
+                      streamed.stderr)
+    assert named, streamed.stderr
+    rows = [int(r) for r in named.group(1).split(",") if r.strip()]
+    assert rows and all(first_row <= r < first_row + 256 for r in rows)
+    assert "epoch   1/1" not in streamed.stdout
+    loaded = launch_train([*args, "--out", tmp_path / "m"], ranks=2, timeout=120)
+    assert loaded.returncode == 2
+    assert f"{damaged}: cannot read /train/images rows {first_row}-{first_row + 255}" in loaded.stderr
