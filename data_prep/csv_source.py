@@ -60,7 +60,7 @@ def read_csv_labels(path):
     for number, values in _rows(path):
         if len(values) == 1:
             value = values[0]
-            if value != int(value) or not 0 <= value <= 9:
+            if not (0 <= value <= 9 and value == int(value)):
                 raise PrepError(f"{path}: row {number}: label {values[0]:g} is outside 0-9")
             labels.append(int(value))
         elif len(values) == CLASSES:

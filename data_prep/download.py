@@ -7,6 +7,7 @@ the decompressed bytes do not).
 
 import gzip
 import hashlib
+import http.client
 import urllib.error
 import urllib.request
 import zlib
@@ -36,7 +37,7 @@ def _fetch(url):
     try:
         with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
             return response.read()
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
         raise PrepError(f"{url}: download failed: {getattr(exc, 'reason', exc)}") from None
 
 

@@ -52,6 +52,8 @@ def parse_idx(data, path, magic):
     if len(data) < header:
         raise PrepError(f"{path}: truncated IDX header")
     shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    if shape[0] == 0:
+        raise PrepError(f"{path}: holds no items (its header declares shape {shape})")
     expected = header + int(np.prod(shape))
     if len(data) != expected:
         raise PrepError(

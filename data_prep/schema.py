@@ -64,6 +64,11 @@ def write(out, arrays, sources):
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, out)
+        fd = os.open(out.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -24,6 +24,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from distnn.outputs import fsync_dir
+
 FORMAT = "distnn-checkpoint"
 VERSION = 1
 NAME = re.compile(r"^ckpt-(\d{9})\.h5$")
@@ -57,14 +59,6 @@ def digest(state, config_json, data_fingerprint):
             "data": data_fingerprint}
     h.update(json.dumps(meta, sort_keys=True).encode())
     return h.hexdigest()
-
-
-def fsync_dir(folder):
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save(folder, state, config_json, data_fingerprint, keep):

@@ -79,9 +79,16 @@ def _layers(text):
     return widths
 
 
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose mistakes are one-line UserErrors (so all ranks can agree)."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
+
+
 def build_parser():
     d = Config()
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m distnn.train",
         description="Train an MLP with synchronous data-parallel SGD over MPI ranks; "
                     "the result is bit-identical for any number of ranks.")

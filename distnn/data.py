@@ -44,6 +44,7 @@ class Dataset:
             for split, count in (("train", n), ("test", sizes["test"])):
                 self.memory[split] = (self._load(split, "images", count),
                                       self._load(split, "labels", count))
+                self._check_labels(split, self.memory[split][1], np.arange(count))
 
     def close(self):
         self.file.close()
@@ -72,7 +73,14 @@ class Dataset:
         if len(file_rows):
             images[order] = self._read_rows(source, "images", ascending)
             labels[order] = self._read_rows(source, "labels", ascending)
+            self._check_labels(source, labels[order], ascending)
         return images, labels.astype(np.int64)
+
+    def _check_labels(self, split, labels, rows):
+        bad = np.flatnonzero(labels > 9)
+        if bad.size:
+            raise UserError(f"{self.path}: /{split}/labels row {int(rows[bad[0]])} holds label "
+                            f"{int(labels[bad[0]])}, outside 0-9")
 
     def _load(self, split, kind, count):
         """Rows 0..count-1 of a dataset, read piece by piece."""

@@ -183,6 +183,8 @@ def check_inputs(params, X, activation, loss):
     fan_in = params[0][0].shape[0]
     if X.ndim != 2 or X.shape[1] != fan_in:
         raise ValueError(f"X: shape {X.shape}, expected (N, {fan_in})")
+    if X.shape[0] == 0:
+        raise ValueError("X: empty batch (0 samples)")
     for i, ((W, b), (W_next, _)) in enumerate(zip(params, params[1:] + [params[-1]])):
         if b.shape != (W.shape[1],) or (i < len(params) - 1 and W_next.shape[0] != W.shape[1]):
             raise ValueError(f"params: layer {i} has W {W.shape} and b {b.shape}, "

@@ -1,7 +1,9 @@
 """What a run leaves in ``--out``: model.h5, metrics.jsonl, summary.json.
 
-Files are written under a temporary name, fsync'd and renamed, so a reader
-(or a crash) never sees half a file.
+model.h5 and summary.json are written under a temporary name, fsync'd and
+renamed (and the folder fsync'd), so a reader or a crash never sees half a
+file. metrics.jsonl grows by one flushed line per epoch; a resumed run rewrites
+it atomically from its checkpoint's history.
 """
 
 import json
@@ -23,9 +25,19 @@ def atomic_write(path, write):
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def fsync_dir(folder):
+    """Make a rename in ``folder`` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_json(path, obj):
@@ -70,7 +82,7 @@ def load_model(path, dtype=None):
 
 
 class MetricsLog:
-    """Append one JSON object per epoch to metrics.jsonl, flushed each time."""
+    """One JSON object per epoch in metrics.jsonl, each line flushed and fsync'd."""
 
     def __init__(self, path):
         self.path = Path(path)

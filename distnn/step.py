@@ -71,7 +71,7 @@ def train_step(params, cfg, pixels, T, mask, reducer, n_rows, total_rows):
 
 
 def evaluate(params, cfg, data, split, comm, reducer):
-    """Accuracy, quadratic cost and cross-entropy on a split, scored across ranks."""
+    """Accuracy, quadratic cost and cross-entropy on a split, scored across ranks (None if empty)."""
     n = data.size(split)
     if n == 0:
         return None

@@ -33,7 +33,8 @@ def epoch_record(state, params, cfg, data, comm, eval_reducer, timers, seconds):
     seen, totals = state.seen, state.totals
     record = {"epoch": state.epoch, "step": state.step, "train_loss": totals[0] / seen,
               "train_acc": totals[1] / seen, "train_quadratic_cost": totals[2] / seen,
-              "train_cross_entropy": totals[3] / seen, "samples_per_s": seen / seconds,
+              "train_cross_entropy": totals[3] / seen,
+              "samples_per_s": seen / seconds if seconds else None,
               **{f"{k}_s": round(v, 4) for k, v in timers.items()}}
     for split in ("val", "test"):
         for key, value in (evaluate(params, cfg, data, split, comm, eval_reducer) or {}).items():
@@ -49,9 +50,9 @@ def check_finite(state):
 
 
 def log_line(record, cfg):
+    evals = "".join(f"  {k} {record[k]:.4f}" for k in ("val_acc", "test_acc") if k in record)
     return (f"epoch {record['epoch']:3d}/{cfg.epochs}  step {record['step']:6d}  "
-            f"loss {record['train_loss']:.4f}  train_acc {record['train_acc']:.4f}  "
-            f"val_acc {record.get('val_acc', float('nan')):.4f}  test_acc {record['test_acc']:.4f}  "
+            f"loss {record['train_loss']:.4f}  train_acc {record['train_acc']:.4f}{evals}  "
             f"{record['samples_per_s']:.0f} samples/s")
 
 
@@ -64,14 +65,15 @@ def run(cfg, comm=MPI.COMM_SELF, log=print, stop=None):
     size, rank = comm.size, comm.rank
     full_blocks = -(-cfg.batch_size // cfg.block_size)
     if full_blocks < size:
+        fix = (f"lower --block-size to at most {cfg.batch_size // size} or raise --batch-size"
+               if cfg.batch_size >= size else f"raise --batch-size to at least {size}")
         raise UserError(f"--batch-size {cfg.batch_size} with --block-size {cfg.block_size} gives "
-                        f"{full_blocks} blocks per step for {size} ranks; lower --block-size "
-                        f"to at most {cfg.batch_size // size} or raise --batch-size", agreed=True)
+                        f"{full_blocks} blocks per step for {size} ranks; {fix}", agreed=True)
     dcomm.agree(comm, startup.prepare_default_data, cfg, comm)
     data = dcomm.agree(comm, Dataset, cfg.data, cfg.train_limit, cfg.val_size, cfg.seed, cfg.stream)
     startup.check_same_settings(comm, cfg, data.fingerprint)
-    dcomm.agree(comm, startup.prepare_out, cfg, comm)
     params = dcomm.agree(comm, startup.initial_params, cfg)
+    dcomm.agree(comm, startup.prepare_out, cfg, comm)
     resumed = dcomm.agree(comm, startup.resume_state, cfg, data.fingerprint, comm)
     state = startup.share_state(comm, resumed, params)
     out, config_json = Path(cfg.out), cfg.to_json()
@@ -129,9 +131,10 @@ def run(cfg, comm=MPI.COMM_SELF, log=print, stop=None):
         if state.seen == 0:
             break
         finished = state.position == steps_per_epoch
+        check_finite(state)
         if not finished:
             save_checkpoint()  # stopped by --max-steps inside an epoch: resumable from here
-        digest = dcomm.check_replicas(comm, state.params, f"after step {state.step}")
+        dcomm.check_replicas(comm, state.params, f"after step {state.step}")
         record = epoch_record(state, state.params, cfg, data, comm, eval_reducer, timers, seconds)
         if rank == 0:
             metrics_log.append(record)
@@ -141,15 +144,20 @@ def run(cfg, comm=MPI.COMM_SELF, log=print, stop=None):
         state.history.append(record)
         state.epoch, state.position, state.seen, state.totals = state.epoch + 1, 0, 0, np.zeros(N_STATS)
         save_checkpoint()
-    data.close()
     check_finite(state)
-    if record is None:
-        raise UserError("nothing to train: the run has no steps", agreed=True)
+    if trained == 0 and state.seen:
+        # resumed at a --max-steps stop inside an epoch with nothing left to do:
+        # that epoch's record (the same numbers as before) closes the run again
+        record = epoch_record(state, state.params, cfg, data, comm, eval_reducer,
+                              dict(compute=0.0, comm=0.0, data=0.0), 0.0)
+        if rank == 0:
+            metrics_log.append(record)
+    data.close()
     summary = {"world_size": size, "steps": state.step, "epochs": record["epoch"],
                "params_sha256": dcomm.params_digest(state.params),
                "train_loss": record["train_loss"], "val_acc": record.get("val_acc"),
-               "test_acc": record["test_acc"],
-               "samples_per_s": trained / train_seconds if train_seconds else None,
+               "test_acc": record.get("test_acc"),
+               "samples_per_s": trained / train_seconds if trained else record.get("samples_per_s"),
                "wall_s": time.perf_counter() - start}
     if rank == 0:
         outputs.save_model(out / "model.h5", state.params, cfg.layers, cfg.activation, cfg.loss)
@@ -158,14 +166,31 @@ def run(cfg, comm=MPI.COMM_SELF, log=print, stop=None):
 
 
 def parse(argv, comm):
-    """Parse flags; only rank 0 prints usage or --help."""
+    """Parse flags on every rank; any rank's mistake ends every rank with one line.
+
+    Only rank 0 prints --help. Ranks launched with different flags (e.g. an
+    MPMD ``mpirun ... : ...``) agree on the outcome instead of hanging.
+    """
     parser = dconfig.build_parser()
-    if comm.rank == 0:
-        args = parser.parse_args(argv)
-    else:
-        with open(os.devnull, "w") as null, redirect_stdout(null), redirect_stderr(null):
+    try:
+        if comm.rank == 0:
             args = parser.parse_args(argv)
-    cfg = dconfig.from_args(args)
+        else:
+            with open(os.devnull, "w") as null, redirect_stdout(null), redirect_stderr(null):
+                args = parser.parse_args(argv)
+        outcome = dconfig.from_args(args)
+    except UserError as exc:
+        outcome = str(exc)
+    except SystemExit as exc:  # --help
+        outcome = exc.code or 0
+    outcomes = comm.allgather(outcome if not isinstance(outcome, dconfig.Config) else None)
+    for rank, other in enumerate(outcomes):
+        if isinstance(other, str):
+            prefix = "" if all(o == other for o in outcomes) else f"rank {rank}: "
+            raise UserError(prefix + other, agreed=True)
+    if any(isinstance(o, int) for o in outcomes):
+        raise SystemExit(0)
+    cfg = outcome
     if not cfg.out:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         cfg.out = comm.bcast(str(Path("runs") / stamp) if comm.rank == 0 else None, root=0)
@@ -178,14 +203,12 @@ def main(argv=None):
     stop = StopRequest(comm).install()
 
     def go():
-        try:
-            cfg = parse(argv, comm)
-        except UserError as exc:
-            raise UserError(str(exc), agreed=True) from None
+        cfg = parse(argv, comm)
         _, summary = run(cfg, comm, stop=stop)
         if comm.rank == 0:
-            print(f"{PROG}: done: test_acc {summary['test_acc']:.4f}  params_sha256 "
-                  f"{summary['params_sha256']}  -> {cfg.out}", flush=True)
+            acc = "" if summary["test_acc"] is None else f"test_acc {summary['test_acc']:.4f}  "
+            print(f"{PROG}: done: {acc}params_sha256 {summary['params_sha256']}  -> {cfg.out}",
+                  flush=True)
 
     dcomm.run_or_abort(comm, PROG, go)
 

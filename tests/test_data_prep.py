@@ -216,6 +216,27 @@ def csv_argv(paths, out):
     return [a for flag, path in paths.items() for a in (flag, path)] + ["--out", out]
 
 
+def test_idx_file_without_items(tmp_path, capsys, small_mnist):
+    arrays = dict(small_mnist)
+    arrays[("test", "images")] = arrays[("test", "images")][:0]
+    arrays[("test", "labels")] = arrays[("test", "labels")][:0]
+    source = write_idx_dir(tmp_path / "src", arrays)
+    out = tmp_path / "mnist.h5"
+    expect_error(capsys, ["--source", source, "--out", out],
+                 "t10k-images-idx3-ubyte.gz", "holds no items", out=out)
+
+
+@pytest.mark.parametrize("label", ["nan", "inf", "3.5"])
+def test_csv_label_not_a_digit(tmp_path, capsys, csv_files, label):
+    path = csv_files["--test-y"]
+    lines = path.read_text().splitlines()
+    lines[0] = label
+    path.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "mnist.h5"
+    expect_error(capsys, csv_argv(csv_files, out), "test_labels.csv", "row 1: label", "outside 0-9",
+                 out=out)
+
+
 def test_csv_row_of_wrong_length(tmp_path, capsys, csv_files):
     path = csv_files["--train-x"]
     lines = path.read_text().splitlines()
@@ -300,6 +321,31 @@ def test_download_verifies_and_falls_back_between_mirrors(tmp_path, http_dir, mn
         for split, kind in IDX_NAMES:
             key = f"{split}/{kind}"
             assert np.array_equal(f[key][...], ref[key][...])
+
+
+def test_download_cut_short_tries_the_next_mirror(tmp_path, http_dir, capsys):
+    """A server that closes before sending all it announced: a clean error, no traceback."""
+    class Short(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            self.wfile.write(b"\x1f\x8b" + b"\0" * 50)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Short)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        out = tmp_path / "dl.h5"
+        err = expect_error(capsys, ["--download", "--mirror",
+                                    f"http://127.0.0.1:{server.server_address[1]}", "--out", out],
+                           "train-images-idx3-ubyte.gz", "download failed", out=out)
+        assert "Traceback" not in err
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_download_checksum_mismatch(tmp_path, http_dir, capsys):

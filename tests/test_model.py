@@ -166,6 +166,7 @@ def test_short_training_on_real_mnist_beats_chance(mnist_h5):
     (lambda p: model.loss_and_grads(p, np.zeros((2, 4)), np.array([-1, 0])), "label -1 is outside"),
     (lambda p: model.loss_and_grads(p, np.zeros((2, 4)), np.zeros((2, 2))), r"shape \(2, 2\)"),
     (lambda p: model.forward(p, np.full((2, 4), np.nan)), "X: contains NaN or infinity"),
+    (lambda p: model.loss_and_grads(p, np.zeros((0, 4)), np.zeros(0, int)), "X: empty batch"),
     (lambda p: model.loss_and_grads(p, np.zeros((1, 4)), np.array([[np.inf, 0, 0]])), "targets: contain NaN"),
     (lambda p: model.forward(p, np.zeros((2, 4)), activation="swish"), "unknown activation 'swish'"),
     (lambda p: model.forward(p, np.zeros((2, 4)), loss="hinge"), "unknown loss 'hinge'"),

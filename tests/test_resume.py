@@ -1,5 +1,6 @@
 """Real signals, a killed rank, and resuming on another rank count: nothing lost, same bits."""
 
+import json
 import os
 import re
 import shutil
@@ -86,8 +87,9 @@ def test_sigusr1_to_one_rank_stops_all(mnist_h5, tmp_path):
     assert "SIGUSR1 received" in err
 
 
-def test_killed_rank_ends_job_and_resume_on_3_ranks_matches(reference, mnist_h5, tmp_path):
-    job = start_train(["--data", mnist_h5, "--out", tmp_path, *ARGS], ranks=2)
+@pytest.mark.parametrize("ranks, resume_ranks", [(2, 3), (4, 1)])
+def test_killed_rank_ends_job_and_resume_matches(reference, mnist_h5, tmp_path, ranks, resume_ranks):
+    job = start_train(["--data", mnist_h5, "--out", tmp_path, *ARGS], ranks=ranks)
     wait_for(has_checkpoint(tmp_path), 60, "the first checkpoint")
     killed_at = time.monotonic()
     os.kill(rank_pids(tmp_path)[0], signal.SIGKILL)
@@ -96,7 +98,8 @@ def test_killed_rank_ends_job_and_resume_on_3_ranks_matches(reference, mnist_h5,
     assert job.returncode != 0
     newest = checkpoint.listing(tmp_path / "checkpoints")[-1][1]
     checkpoint.load(newest)  # intact: verifies its checksum
-    resumed = launch_train(["--data", mnist_h5, "--out", tmp_path, *ARGS, "--resume"], ranks=3)
+    resumed = launch_train(["--data", mnist_h5, "--out", tmp_path, *ARGS, "--resume"],
+                           ranks=resume_ranks)
     assert resumed.returncode == 0, resumed.stderr
     assert run_result(tmp_path) == reference
 
@@ -150,6 +153,29 @@ def test_divergence_stops_cleanly_and_keeps_last_good_checkpoint(mnist_h5, tmp_p
     state = checkpoint.load(found[-1][1])[0]
     assert all(W.max() < float("inf") for W, _ in state.params)
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_divergence_on_an_epochs_last_step(mnist_h5, tmp_path):
+    result = launch_train(["--data", mnist_h5, "--out", tmp_path, "--train-limit", "64",
+                           "--val-size", "0", "--batch-size", "64", "--epochs", "1",
+                           "--layers", "784,16,10", "--lr", "1e39"], ranks=2, timeout=60)
+    assert result.returncode == 3, result.stderr
+    assert "diverged" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("max_steps", ["5", "14", "100"])
+def test_resuming_a_finished_run_changes_nothing(mnist_h5, tmp_path, max_steps):
+    args = ["--data", mnist_h5, "--out", tmp_path, "--train-limit", "1100", "--val-size", "200",
+            "--batch-size", "100", "--epochs", "3", "--layers", "784,8,10", "--max-steps", max_steps]
+    first = launch_train(args)
+    assert first.returncode == 0, first.stderr
+    before = json.loads((tmp_path / "summary.json").read_text()), run_result(tmp_path)
+    again = launch_train([*args, "--resume"], ranks=2)
+    assert again.returncode == 0, again.stderr
+    after = json.loads((tmp_path / "summary.json").read_text()), run_result(tmp_path)
+    assert after[1] == before[1]
+    for key in ("steps", "epochs", "params_sha256", "train_loss", "val_acc", "test_acc"):
+        assert after[0][key] == before[0][key], key
 
 
 def test_ranks_with_different_settings_are_refused(mnist_h5, tmp_path):

@@ -70,16 +70,16 @@ def test_outputs_and_single_config_print(mnist_h5, tmp_path):
 
 
 def test_init_from_model_file(mnist_h5, tmp_path):
+    """1 epoch, then 1 more from its model.h5, equals 2 epochs (in file order) bit for bit."""
     common = ["--data", mnist_h5, "--train-limit", "200", "--val-size", "0", "--layers",
-              "784,8,10", "--batch-size", "20", "--block-size", "5"]
+              "784,8,10", "--batch-size", "20", "--block-size", "5", "--no-shuffle"]
     first = launch_train([*common, "--epochs", "1", "--out", tmp_path / "a"])
-    assert first.returncode == 0, first.stderr
-    two = launch_train([*common, "--epochs", "2", "--no-shuffle", "--out", tmp_path / "two"])
-    resumed = launch_train([*common, "--epochs", "1", "--no-shuffle", "--out", tmp_path / "b",
-                            "--init", tmp_path / "a" / "model.h5"])
-    assert resumed.returncode == 0 and two.returncode == 0, resumed.stderr + two.stderr
-    # epoch 1 ordered == epoch 1 of "a" only when "a" was ordered too, so check the init was used
-    assert run_result(tmp_path / "b")[1][0]["train_loss"] < run_result(tmp_path / "a")[1][0]["train_loss"]
+    two = launch_train([*common, "--epochs", "2", "--out", tmp_path / "two"])
+    second = launch_train([*common, "--epochs", "1", "--out", tmp_path / "b",
+                           "--init", tmp_path / "a" / "model.h5"], ranks=2)
+    assert first.returncode == two.returncode == second.returncode == 0, second.stderr
+    assert run_result(tmp_path / "b")[0] == run_result(tmp_path / "two")[0]
+    assert run_result(tmp_path / "b")[0] != run_result(tmp_path / "a")[0]
 
 
 def test_default_data_is_prepared_when_missing(tmp_path):
@@ -152,3 +152,53 @@ def test_init_with_other_layer_sizes_is_refused(mnist_h5, tmp_path):
                            "--layers", "784,16,10"], ranks=2, timeout=60)
     assert result.returncode == 2
     assert "its layers 784,30,10 do not match --layers 784,16,10" in error_line(result)
+    assert not (tmp_path / "o").exists()
+
+
+def test_batch_smaller_than_rank_count(mnist_h5, tmp_path):
+    result = launch_train(["--data", mnist_h5, "--out", tmp_path / "o", "--batch-size", "2",
+                           "--block-size", "1"], ranks=3, timeout=60)
+    assert result.returncode == 2
+    assert "raise --batch-size to at least 3" in error_line(result)
+
+
+def test_a_bad_flag_on_one_rank_ends_every_rank(mnist_h5, tmp_path):
+    import subprocess
+    import sys
+    base = [sys.executable, "-m", "distnn.train", "--data", str(mnist_h5), "--out", str(tmp_path / "o")]
+    result = subprocess.run([find_mpirun(), "-n", "1", *base, "--lr", "0.1", ":", "-n", "1", *base,
+                             "--lr", "-1"], env=run_env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "rank 1: --lr must be positive, got -1.0" in error_line(result)
+    unknown = launch_train(["--data", mnist_h5, "--learning-rate", "3"], ranks=2, timeout=60)
+    assert unknown.returncode == 2
+    assert "unrecognized arguments: --learning-rate 3" in error_line(unknown)
+
+
+def test_labels_outside_range_in_data_file(mnist_h5, tmp_path):
+    import shutil
+    bad = tmp_path / "bad.h5"
+    shutil.copy(mnist_h5, bad)
+    with h5py.File(bad, "a") as f:
+        f["train/labels"][17] = 12
+    for extra in ([], ["--stream"]):
+        result = launch_train(["--data", bad, "--out", tmp_path / "o", "--train-limit", "100",
+                               "--val-size", "0", "--batch-size", "100", "--block-size", "50",
+                               *extra], ranks=2, timeout=60)
+        assert result.returncode == 2, result.stderr
+        assert "/train/labels row 17 holds label 12, outside 0-9" in result.stderr
+
+
+def test_empty_test_split_is_reported_as_absent(mnist_h5, tmp_path):
+    small = tmp_path / "notest.h5"
+    with h5py.File(mnist_h5, "r") as src, h5py.File(small, "w") as f:
+        f.attrs.update(src.attrs)
+        f["train/images"] = src["train/images"][:300]
+        f["train/labels"] = src["train/labels"][:300]
+        f["test/images"] = np.zeros((0, 784), np.uint8)
+        f["test/labels"] = np.zeros(0, np.uint8)
+    result = launch_train(["--data", small, "--out", tmp_path / "o", "--val-size", "50",
+                           "--epochs", "1", "--layers", "784,8,10"], ranks=2, timeout=60)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["test_acc"] is None and summary["val_acc"] is not None
