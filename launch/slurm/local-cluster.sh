@@ -65,7 +65,8 @@ start() {
     mkdir -p /run/munge && chown munge:munge /run/munge
     pgrep -x munged >/dev/null || runuser -u munge -- munged
     write_config
-    pgrep -x slurmctld >/dev/null || slurmctld
+    # -c: start from a clean controller state (no jobs left over from earlier runs)
+    pgrep -x slurmctld >/dev/null || slurmctld -c
     pgrep -x slurmd >/dev/null || slurmd
     for _ in $(seq 150); do
         if sinfo -h -o '%T' 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
@@ -82,6 +83,12 @@ start() {
 stop() {
     pkill -x slurmd || true
     pkill -x slurmctld || true
+    for _ in $(seq 100); do
+        pgrep -x slurmd >/dev/null || pgrep -x slurmctld >/dev/null || return 0
+        sleep 0.2
+    done
+    echo "Slurm daemons still running after 20 s" >&2
+    exit 1
 }
 
 case "${1:-}" in

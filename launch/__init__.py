@@ -1,0 +1,1 @@
+"""Launchers for distnn: Slurm and PBS batch scripts, a local launcher, sweeps."""

@@ -1,0 +1,130 @@
+"""The batch scripts on a real Slurm cluster: same bits as mpirun, requeue on signal, sweeps.
+
+Start a one-node cluster with ``launch/slurm/local-cluster.sh start`` (root);
+without one these tests are skipped, unless DISTNN_REQUIRE_SLURM=1 (as in CI)
+makes that a failure.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, launch_train, run_env, run_result
+from distnn import checkpoint
+
+pytestmark = pytest.mark.slurm
+TRAIN_SBATCH = ROOT / "launch" / "slurm" / "train.sbatch"
+ARGS = ["--train-limit", "3200", "--val-size", "200", "--epochs", "3", "--layers", "784,32,10",
+        "--batch-size", "32", "--block-size", "4", "--checkpoint-every", "10"]
+
+
+def slurm_problem():
+    """Why no Slurm cluster can run jobs here, or None if one can."""
+    try:
+        done = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
+    except FileNotFoundError:
+        return "sinfo not found (no Slurm client installed)"
+    except subprocess.TimeoutExpired:
+        return "sinfo timed out"
+    if done.returncode != 0:
+        return f"no Slurm controller reachable ({done.stderr.strip()})"
+    if not any(s in done.stdout for s in ("idle", "mixed", "allocated")):
+        return f"no usable Slurm node (states: {done.stdout.split()})"
+    return None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster():
+    problem = slurm_problem()
+    if problem:
+        hint = "; start one with: launch/slurm/local-cluster.sh start"
+        if os.environ.get("DISTNN_REQUIRE_SLURM") == "1":
+            pytest.fail(problem + hint)
+        pytest.skip(problem + hint)
+
+
+def slurm_env(out):
+    env = run_env()
+    env.update(DISTNN_PYTHON=sys.executable, DISTNN_OUT=str(out))
+    return env
+
+
+def job_state(job):
+    text = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    fields = dict(item.split("=", 1) for item in text.split() if "=" in item)
+    return fields.get("JobState"), int(fields.get("Restarts", 0))
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(0.2)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def test_train_sbatch_matches_mpirun(mnist_h5, tmp_path):
+    direct = launch_train(["--data", mnist_h5, "--out", tmp_path / "direct", *ARGS], ranks=2)
+    assert direct.returncode == 0, direct.stderr
+    job = subprocess.run(["sbatch", "--wait", "-n", "2", "-o", str(tmp_path / "job.out"),
+                          str(TRAIN_SBATCH), "--data", str(mnist_h5), *ARGS],
+                         env=slurm_env(tmp_path / "slurm"), capture_output=True, text=True,
+                         timeout=600, cwd=tmp_path)
+    log = (tmp_path / "job.out").read_text()
+    assert job.returncode == 0, job.stderr + log
+    assert "on 2 tasks" in log and "distnn.train: 2 ranks" in log
+    assert run_result(tmp_path / "slurm") == run_result(tmp_path / "direct")
+
+
+def test_signal_requeues_and_resumes_to_the_same_result(mnist_h5, tmp_path):
+    reference = launch_train(["--data", mnist_h5, "--out", tmp_path / "ref", *ARGS])
+    assert reference.returncode == 0, reference.stderr
+    out = tmp_path / "slurm"
+    submitted = subprocess.run(["sbatch", "--parsable", "-n", "2", "-o", str(tmp_path / "job.out"),
+                                str(TRAIN_SBATCH), "--data", str(mnist_h5), *ARGS],
+                               env=slurm_env(out), capture_output=True, text=True, cwd=tmp_path)
+    assert submitted.returncode == 0, submitted.stderr
+    job = submitted.stdout.strip()
+    wait_for(lambda: checkpoint.listing(out / "checkpoints"), 300, "the first checkpoint")
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    state, restarts = wait_for(
+        lambda: (lambda s: s if s[0] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") else None)(
+            job_state(job)), 600, "the job to finish")
+    log = (tmp_path / "job.out").read_text()
+    assert state == "COMPLETED" and restarts == 1, log
+    assert "SIGUSR1 received: stopped after step" in log
+    assert "requeueing" in log and "(restart 1)" in log and "resuming from" in log
+    assert run_result(out) == run_result(tmp_path / "ref")
+
+
+def test_sweep_array_and_collected_table(mnist_h5, tmp_path):
+    folder = tmp_path / "sweep"
+    env = run_env()
+    env["DISTNN_PYTHON"] = sys.executable
+    submitted = subprocess.run(
+        [sys.executable, "-m", "launch.sweep", "submit", str(folder), "--lr", "0.1,1.0",
+         "--batch-size", "32,64", "--wait", "--", "--data", str(mnist_h5), "--train-limit", "1000",
+         "--val-size", "100", "--epochs", "1", "--layers", "784,16,10", "--block-size", "4"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert submitted.returncode == 0, submitted.stderr
+    assert "submitted 4 settings as job array" in submitted.stdout
+    collected = subprocess.run([sys.executable, "-m", "launch.sweep", "collect", str(folder)],
+                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert collected.returncode == 0, collected.stderr
+    lines = [l for l in collected.stdout.splitlines() if l.startswith("| ") and "task" not in l]
+    settings = {(float(l.split("|")[2]), int(l.split("|")[3])) for l in lines}
+    assert settings == {(0.1, 32), (0.1, 64), (1.0, 32), (1.0, 64)}
+    accuracies = [float(l.split("|")[4]) for l in lines]
+    assert accuracies == sorted(accuracies, reverse=True) and min(accuracies) > 0
+    for task in range(4):
+        summary = json.loads((folder / f"task-{task}" / "summary.json").read_text())
+        assert f"{summary['test_acc']:.4f}" in collected.stdout
+    assert (folder / "results.csv").read_text().count("\n") == 5
+    assert (folder / "results.md").read_text() == collected.stdout.rstrip("\n") + "\n"
