@@ -35,6 +35,8 @@ class Config:
     checkpoint_every: int = 500
     keep: int = 3
     resume: bool = False
+    log_every: int = 100
+    quiet: bool = False
 
     @property
     def np_dtype(self):
@@ -132,6 +134,11 @@ def build_parser():
                         f"(default {d.checkpoint_every}; 0: epoch ends only)")
     p.add_argument("--keep", type=int, default=d.keep,
                    help=f"checkpoints to keep in <out>/checkpoints (default {d.keep})")
+    p.add_argument("--log-every", type=int, default=d.log_every,
+                   help="when the output is not a terminal, print a progress line every N steps "
+                        f"(default {d.log_every}; 0: epoch lines only)")
+    p.add_argument("--quiet", action="store_true",
+                   help="print only errors and the final line: no configuration, progress or epoch lines")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its newest valid checkpoint "
                         "(starts afresh if it has none)")
@@ -156,7 +163,8 @@ def check(config):
         raise UserError(f"--keep must be at least 1, got {config.keep}")
     for flag, value in {"--max-steps": config.max_steps, "--val-size": config.val_size,
                         "--train-limit": config.train_limit,
-                        "--checkpoint-every": config.checkpoint_every}.items():
+                        "--checkpoint-every": config.checkpoint_every,
+                        "--log-every": config.log_every}.items():
         if value < 0:
             raise UserError(f"{flag} must be 0 or more, got {value}")
     if config.layers[0] != 784:

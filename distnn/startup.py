@@ -24,7 +24,8 @@ def prepare_default_data(cfg, comm):
     if comm.rank != 0 or cfg.data != DEFAULT_DATA or Path(cfg.data).exists():
         return
     from data_prep.__main__ import main as prepare
-    print(f"{PROG}: {cfg.data} is missing; preparing it from the bundled MNIST", flush=True)
+    if not cfg.quiet:
+        print(f"{PROG}: {cfg.data} is missing; preparing it from the bundled MNIST", flush=True)
     if prepare(["--out", cfg.data]) != 0:
         raise UserError(f"{cfg.data}: could not prepare the bundled MNIST")
 
@@ -101,7 +102,8 @@ def resume_state(cfg, fingerprint, comm):
     if data != fingerprint:
         raise UserError(f"cannot resume from {path}: it was trained on a different data file "
                         f"than {cfg.data}")
-    print(f"{PROG}: resuming from {path} (step {state.step}, epoch {state.epoch})", flush=True)
+    if not cfg.quiet:
+        print(f"{PROG}: resuming from {path} (step {state.step}, epoch {state.epoch})", flush=True)
     return state
 
 

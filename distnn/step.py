@@ -42,6 +42,11 @@ def as_blocks(a, block_size):
     return a.reshape(-1, block_size, a.shape[-1])
 
 
+def scaled_blocks(pixels, dtype, block_size):
+    """Pixels 0..255 as [0, 1] values in ``dtype``, shaped (blocks, block_size, 784)."""
+    return as_blocks(pixels.astype(dtype) / dtype(255), block_size)
+
+
 def row_stats(cfg, z, y, T, mask):
     """Per-row loss, correct, quadratic cost and cross-entropy (zero on padding)."""
     stats = [losses.per_sample_loss(cfg.loss, z, y, T), *model.metric_sums(y, T)]
@@ -57,7 +62,7 @@ def train_step(params, cfg, pixels, T, mask, reducer, n_rows, total_rows):
     on the rank count); the gradients are summed exactly by ``reducer``.
     """
     dtype, bs = cfg.np_dtype, cfg.block_size
-    X = as_blocks(pixels.astype(dtype) / dtype(255), bs)
+    X = scaled_blocks(pixels, dtype, bs)
     Tb, maskb = as_blocks(T.astype(dtype), bs), as_blocks(mask[:, None].astype(dtype), bs)
     inputs, zs, y = model.forward_pass(params, X, cfg.activation, cfg.loss)
     delta = losses.output_delta(cfg.loss, zs[-1], y, Tb) * maskb
@@ -70,6 +75,15 @@ def train_step(params, cfg, pixels, T, mask, reducer, n_rows, total_rows):
     return model.sgd_step(params, mean, cfg.lr), stat_sums
 
 
+def predict(params, images, activation, loss, dtype):
+    """Output values for uint8 images (n, 784), bit for bit what evaluation scores."""
+    n_blocks = -(-len(images) // EVAL_BLOCK)
+    pixels = np.zeros((n_blocks * EVAL_BLOCK, images.shape[1]))
+    pixels[:len(images)] = images
+    y = model.forward_pass(params, scaled_blocks(pixels, dtype, EVAL_BLOCK), activation, loss)[2]
+    return y.reshape(-1, y.shape[-1])[:len(images)]
+
+
 def evaluate(params, cfg, data, split, comm, reducer):
     """Accuracy, quadratic cost and cross-entropy on a split, scored across ranks (None if empty)."""
     n = data.size(split)
@@ -79,7 +93,7 @@ def evaluate(params, cfg, data, split, comm, reducer):
     lo, hi = block_range(n_blocks, comm.size, comm.rank)
     images, labels = data.get(split, np.arange(lo * EVAL_BLOCK, min(hi * EVAL_BLOCK, n)))
     pixels, T, mask = stack_blocks(images, labels, hi - lo, EVAL_BLOCK, cfg.layers[-1])
-    X = as_blocks(pixels.astype(cfg.np_dtype) / cfg.np_dtype(255), EVAL_BLOCK)
+    X = scaled_blocks(pixels, cfg.np_dtype, EVAL_BLOCK)
     _, zs, y = model.forward_pass(params, X, cfg.activation, cfg.loss)
     stats = row_stats(cfg, zs[-1], y, as_blocks(T, EVAL_BLOCK),
                       as_blocks(mask[:, None], EVAL_BLOCK)[..., 0])

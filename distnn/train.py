@@ -6,6 +6,7 @@ evaluation, and rank 0's log line, metrics record and checkpoint.
 """
 
 import datetime
+import json
 import os
 import signal
 import time
@@ -22,6 +23,7 @@ from distnn import config as dconfig
 from distnn.data import Dataset
 from distnn.errors import Diverged, Stopped, UserError
 from distnn.exact import ExactGradients, ExactSum, NonFiniteError
+from distnn.progress import Progress
 from distnn.step import N_STATS, block_range, evaluate, stack_blocks, train_step
 from distnn.stop import StopRequest
 
@@ -56,8 +58,9 @@ def log_line(record, cfg):
             f"{record['samples_per_s']:.0f} samples/s")
 
 
-def run(cfg, comm=MPI.COMM_SELF, log=print, stop=None):
-    """Train with ``cfg`` on ``comm``; return (params, summary). Rank 0 writes ``cfg.out``.
+def run(cfg, comm=MPI.COMM_SELF, stop=None):
+    """Train with ``cfg`` on ``comm``; return (params, summary). Rank 0 writes ``cfg.out``
+    and, unless ``cfg.quiet``, prints the configuration, progress and one line per epoch.
 
     ``stop`` (a :class:`distnn.stop.StopRequest`) makes every rank stop after
     the step in which any rank received SIGTERM or SIGUSR1.
@@ -78,10 +81,17 @@ def run(cfg, comm=MPI.COMM_SELF, log=print, stop=None):
     state = startup.share_state(comm, resumed, params)
     out, config_json = Path(cfg.out), cfg.to_json()
     metrics_log = outputs.MetricsLog(out / "metrics.jsonl")
+    steps_per_epoch = -(-data.size("train") // cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    total_steps = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    progress = Progress(total_steps, cfg.log_every, cfg.quiet, enabled=rank == 0, start=state.step)
     if rank == 0:
         metrics_log.rewrite(state.history)
-        log(f"{PROG}: {size} rank{'s' if size > 1 else ''}, {data.size('train')} training / "
-            f"{data.size('val')} validation / {data.size('test')} test images\n{cfg.describe()}")
+        outputs.write_json(out / "config.json", json.loads(config_json))
+        if not cfg.quiet:
+            print(f"{PROG}: {size} rank{'s' if size > 1 else ''}, {data.size('train')} training / "
+                  f"{data.size('val')} validation / {data.size('test')} test images\n"
+                  f"{cfg.describe()}", flush=True)
 
     def save_checkpoint():
         """Rank 0 writes ``state``; every rank first checks the parameters are finite."""
@@ -91,7 +101,6 @@ def run(cfg, comm=MPI.COMM_SELF, log=print, stop=None):
 
     reducer = ExactGradients(cfg.layers, N_STATS, comm)
     eval_reducer = ExactSum([N_STATS], comm)
-    steps_per_epoch = -(-data.size("train") // cfg.batch_size)
     record = state.history[-1] if state.history else None
     trained, train_seconds, start = 0, 0.0, time.perf_counter()
     while state.epoch <= cfg.epochs and not (cfg.max_steps and state.step >= cfg.max_steps):
@@ -118,6 +127,7 @@ def run(cfg, comm=MPI.COMM_SELF, log=print, stop=None):
             timers["comm"] += reducer.comm_seconds
             state.params, state.totals = new_params, state.totals + stats
             state.seen, state.step, state.position = state.seen + len(batch), state.step + 1, state.position + 1
+            progress.update(state.step, state.epoch, stats[0] / len(batch), len(batch))
             signum = stop.requested() if stop else 0
             if signum:
                 path = comm.bcast(save_checkpoint(), root=0)
@@ -138,12 +148,14 @@ def run(cfg, comm=MPI.COMM_SELF, log=print, stop=None):
         record = epoch_record(state, state.params, cfg, data, comm, eval_reducer, timers, seconds)
         if rank == 0:
             metrics_log.append(record)
-            log(log_line(record, cfg))
+            if not cfg.quiet:
+                progress.write(log_line(record, cfg))
         if not finished:
             break
         state.history.append(record)
         state.epoch, state.position, state.seen, state.totals = state.epoch + 1, 0, 0, np.zeros(N_STATS)
         save_checkpoint()
+    progress.close()
     check_finite(state)
     if trained == 0 and state.seen:
         # resumed at a --max-steps stop inside an epoch with nothing left to do:

@@ -1,0 +1,224 @@
+"""``python -m distnn.predict``: predicted digits from a trained model, with pictures.
+
+  python -m distnn.predict --model runs/a/model.h5                 # the test set of --data
+  python -m distnn.predict --model runs/a/model.h5 --show 12       # + digits.png, confusion.png
+  python -m distnn.predict --model runs/a/model.h5 --images my7.png another.pgm
+  python -m distnn.predict --model runs/a/model.h5 --csv TestDigitX.csv.gz
+
+Predictions go to a gzip'd CSV (default: predictions.csv.gz beside the model),
+one predicted label per line in input order (like the source report's
+PredictDigitY.csv.gz); with --probabilities each line is the label followed by
+the ten output values. For the test set the accuracy is printed; it equals the
+run's reported test accuracy, since the outputs are computed over the same
+blocks of rows as the trainer's evaluation. Images must be 28x28 (PNG or PGM);
+a light background is inverted to MNIST's white-on-black unless --no-invert.
+Pictures and PNG input need ``pip install 'distnn[plot]'``.
+"""
+
+import argparse
+import gzip
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from data_prep import PrepError
+from data_prep.csv_source import read_csv_images
+from distnn import outputs
+from distnn.config import DEFAULT_DATA
+from distnn.data import Dataset
+from distnn.errors import UserError
+from distnn.plot import PlotError, need_matplotlib
+from distnn.step import predict
+
+PIXELS, SIDE = 784, 28
+
+
+def read_pgm(path):
+    """A binary (P5) or plain (P2) PGM as a 2-d array of 0..255."""
+    data = Path(path).read_bytes()
+    tokens, pos = [], 0
+    while len(tokens) < 4:
+        while pos < len(data) and data[pos:pos + 1].isspace():
+            pos += 1
+        if data[pos:pos + 1] == b"#":
+            pos = data.index(b"\n", pos)
+            continue
+        end = pos
+        while end < len(data) and not data[end:end + 1].isspace():
+            end += 1
+        tokens.append(data[pos:end])
+        pos = end
+    magic, width, height, maxval = tokens[0], *map(int, tokens[1:])
+    if magic == b"P5":
+        pixels = np.frombuffer(data[pos + 1:pos + 1 + width * height], np.uint8)
+    elif magic == b"P2":
+        pixels = np.array(data[pos:].split()[:width * height], dtype=np.float64)
+    else:
+        raise ValueError(f"not a PGM file (magic {magic!r})")
+    return pixels.reshape(height, width).astype(np.float64) * (255.0 / maxval)
+
+
+def read_image(path, invert):
+    """A 28x28 grey image as 784 uint8 pixels, white digit on black."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() in (".pgm", ".pnm"):
+            image = read_pgm(path)
+        else:
+            plt = need_matplotlib()
+            image = plt.imread(path).astype(np.float64)
+            image = image[..., :3].mean(axis=-1) if image.ndim == 3 else image
+            image = image * 255.0 if image.max() <= 1.0 else image
+    except (OSError, ValueError, IndexError, SyntaxError) as exc:
+        raise UserError(f"{path}: cannot read the image ({exc})") from None
+    except PlotError as exc:
+        raise UserError(f"{path}: {exc}") from None
+    if image.shape != (SIDE, SIDE):
+        raise UserError(f"{path}: image is {image.shape[1]}x{image.shape[0]} pixels, "
+                        f"expected {SIDE}x{SIDE} like MNIST")
+    if invert == "auto" and image.mean() > 127:
+        image = 255.0 - image
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8).reshape(PIXELS)
+
+
+def load_inputs(args, layers):
+    """(uint8 images, labels or None, names) from the chosen source."""
+    if args.images:
+        images = np.stack([read_image(p, args.invert) for p in args.images])
+        return images, None, [str(p) for p in args.images]
+    if args.csv:
+        try:
+            images = read_csv_images(args.csv)[0]
+        except PrepError as exc:
+            raise UserError(str(exc)) from None
+        return images, None, None
+    data = Dataset(args.data)
+    images, labels = data.get("test", np.arange(data.size("test")))
+    data.close()
+    return images, labels, None
+
+
+def write_predictions(path, probs, with_probabilities):
+    labels = probs.argmax(axis=1)
+    lines = [str(l) if not with_probabilities else
+             ",".join([str(l)] + [f"{p:.6g}" for p in row]) for l, row in zip(labels, probs)]
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    with gzip.open(tmp, "wt") as f:
+        f.write("\n".join(lines) + "\n")
+    tmp.replace(path)
+
+
+def show_digits(path, images, labels, probs, count, seed):
+    """A grid of digits, each beside a bar chart of its outputs, marked CORRECT/INCORRECT."""
+    plt = need_matplotlib()
+    pick = np.sort(np.random.default_rng(seed).choice(len(images), min(count, len(images)), replace=False))
+    cols = min(4, len(pick))
+    rows = -(-len(pick) // cols)
+    fig = plt.figure(figsize=(4 * cols, 2.4 * rows), dpi=100)
+    grid = fig.add_gridspec(rows, 2 * cols, width_ratios=[1, 1.4] * cols)
+    for k, i in enumerate(pick):
+        r, c = divmod(k, cols)
+        guess = int(probs[i].argmax())
+        ok = labels is None or guess == labels[i]
+        image_ax, bar_ax = fig.add_subplot(grid[r, 2 * c]), fig.add_subplot(grid[r, 2 * c + 1])
+        image_ax.imshow(images[i].reshape(SIDE, SIDE), cmap="Greys_r")
+        image_ax.set_xticks([])
+        image_ax.set_yticks([])
+        truth = "" if labels is None else f"label {labels[i]}  "
+        image_ax.set_title(f"{truth}{'CORRECT' if ok else 'INCORRECT'}" if labels is not None
+                           else f"#{i}", color="g" if ok else "r", fontsize=9, fontweight="bold")
+        bar_ax.bar(range(probs.shape[1]), probs[i], color=["g" if ok else "r" if j == guess else "C0"
+                                                            for j in range(probs.shape[1])])
+        bar_ax.set_xticks(range(probs.shape[1]))
+        bar_ax.tick_params(labelsize=7)
+        bar_ax.set_ylim(0, 1)
+        bar_ax.set_title(f"guess {guess}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def show_confusion(path, labels, guesses, classes):
+    plt = need_matplotlib()
+    matrix = np.zeros((classes, classes), np.int64)
+    np.add.at(matrix, (labels, guesses), 1)
+    fig, ax = plt.subplots(figsize=(6, 5.5), dpi=100)
+    shown = ax.imshow(matrix, cmap="Blues")
+    for (r, c), n in np.ndenumerate(matrix):
+        ax.text(c, r, str(n), ha="center", va="center", fontsize=7,
+                color="white" if n > matrix.max() / 2 else "black")
+    ax.set_xticks(range(classes))
+    ax.set_yticks(range(classes))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true label")
+    ax.set_title(f"confusion matrix ({(guesses == labels).mean():.2%} correct)")
+    fig.colorbar(shown, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(args):
+    model_path = Path(args.model)
+    if not model_path.is_file():
+        raise UserError(f"{model_path}: no such model file (train first: python -m distnn.train)")
+    params, attrs = outputs.load_model(model_path)
+    layers = attrs["layers"]
+    if layers[0] != PIXELS:
+        raise UserError(f"{model_path}: the model takes {layers[0]} inputs, but the images have "
+                        f"{PIXELS} pixels (28x28)")
+    images, labels, names = load_inputs(args, layers)
+    probs = predict(params, images, attrs["activation"], attrs["loss"], np.dtype(attrs["dtype"]).type)
+    guesses = probs.argmax(axis=1)
+    if labels is not None and labels.max() >= layers[-1]:
+        raise UserError(f"{model_path}: the model has {layers[-1]} outputs, but the data has "
+                        f"labels up to {labels.max()}")
+    out = Path(args.out) if args.out else model_path.parent / "predictions.csv.gz"
+    write_predictions(out, probs, args.probabilities)
+    lines = [f"wrote {len(guesses)} predictions to {out}"]
+    if names:
+        lines += [f"{name}: {g} ({probs[i, g]:.3f})" for i, (name, g) in enumerate(zip(names, guesses))]
+    if labels is not None:
+        lines.append(f"accuracy {np.mean(guesses == labels):.4f} on {len(labels)} test images")
+    if args.show:
+        folder = out.parent
+        show_digits(folder / "digits.png", images, labels, probs, args.show, args.seed)
+        lines.append(f"wrote {folder / 'digits.png'}")
+        if labels is not None:
+            show_confusion(folder / "confusion.png", labels, guesses, layers[-1])
+            lines.append(f"wrote {folder / 'confusion.png'}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m distnn.predict", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="a model.h5 written by distnn.train")
+    p.add_argument("--data", default=DEFAULT_DATA, help="prepared HDF5 file whose test set to predict")
+    p.add_argument("--images", nargs="+", metavar="FILE", help="28x28 PNG or PGM images to predict")
+    p.add_argument("--csv", help="CSV of images to predict (784 values per row, 0..1 or 0..255)")
+    p.add_argument("--out", help="predictions file (default: predictions.csv.gz beside the model)")
+    p.add_argument("--probabilities", action="store_true",
+                   help="write the output values after each label")
+    p.add_argument("--show", type=int, default=0, metavar="N",
+                   help="save N digits with their output bar charts (digits.png) and a "
+                        "confusion matrix (confusion.png) beside the predictions")
+    p.add_argument("--seed", type=int, default=0, help="which digits --show picks (default 0)")
+    p.add_argument("--no-invert", dest="invert", action="store_const", const="no", default="auto",
+                   help="do not invert images with a light background")
+    args = p.parse_args(argv)
+    try:
+        print(run(args))
+    except (UserError, PlotError) as exc:
+        print(f"distnn.predict: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"distnn.predict: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""What people look at: progress output, learning-curve plots, predictions and pictures."""
+
+import fcntl
+import gzip
+import json
+import os
+import pty
+import struct
+import subprocess
+import sys
+import termios
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import ROOT, launch_train, run_env
+from distnn import model, outputs
+
+TRAIN = ["--train-limit", "3000", "--val-size", "300", "--epochs", "2", "--layers", "784,16,10",
+         "--batch-size", "32", "--block-size", "4"]
+
+
+def png_size(path):
+    """(width, height) from a PNG's IHDR chunk; asserts the PNG signature."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", path
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.fixture(scope="module")
+def run_dir(mnist_h5, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ux") / "run"
+    result = launch_train(["--data", mnist_h5, "--out", out, "--log-every", "20", *TRAIN], ranks=2)
+    assert result.returncode == 0, result.stderr
+    return out, result
+
+
+def run_module(module, *args):
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=run_env(),
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_log_lines_without_control_characters_when_not_a_terminal(run_dir):
+    _, result = run_dir
+    assert "\r" not in result.stdout and "\x1b" not in result.stdout
+    steps = [l for l in result.stdout.splitlines() if l.startswith("step ")]
+    assert len(steps) == 170 // 20 and "loss" in steps[0] and "samples/s" in steps[0]  # 2 x 85 steps
+    assert sum(l.startswith("epoch ") for l in result.stdout.splitlines()) == 2
+
+
+def test_progress_bar_on_a_terminal(mnist_h5, tmp_path):
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    job = subprocess.Popen([sys.executable, "-m", "distnn.train", "--data", str(mnist_h5),
+                            "--out", str(tmp_path), *TRAIN], cwd=ROOT, env=run_env(),
+                           stdout=slave, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    assert job.wait(timeout=120) == 0
+    screen = b"".join(chunks).decode(errors="replace")
+    assert "%|" in screen and "step/s" in screen and "loss=" in screen
+    assert not any(l.startswith("step ") for l in screen.splitlines())
+
+
+def test_quiet_prints_only_the_final_line(mnist_h5, tmp_path):
+    result = launch_train(["--data", mnist_h5, "--out", tmp_path, "--quiet", *TRAIN])
+    assert result.returncode == 0
+    assert result.stdout.splitlines() == [l for l in result.stdout.splitlines() if "done:" in l]
+    assert len(result.stdout.splitlines()) == 1
+
+
+def test_plot_one_and_several_runs(run_dir, mnist_h5, tmp_path):
+    run, _ = run_dir
+    single = run_module("distnn.plot", run)
+    assert single.returncode == 0, single.stderr
+    assert png_size(run / "curves.png") == (1500, 450)
+    other = tmp_path / "other"
+    assert launch_train(["--data", mnist_h5, "--out", other, *TRAIN, "--lr", "0.3"]).returncode == 0
+    both = run_module("distnn.plot", run, other, "--out", tmp_path / "cmp.png")
+    assert both.returncode == 0, both.stderr
+    assert png_size(tmp_path / "cmp.png") == (1500, 450)
+    import matplotlib.pyplot as plt
+    assert plt.imread(tmp_path / "cmp.png").shape[:2] == (450, 1500)
+
+
+def test_predictions_match_reported_test_accuracy(run_dir, mnist_h5):
+    run, _ = run_dir
+    result = run_module("distnn.predict", "--model", run / "model.h5", "--data", mnist_h5,
+                        "--show", "6")
+    assert result.returncode == 0, result.stderr
+    lines = gzip.open(run / "predictions.csv.gz", "rt").read().splitlines()
+    with h5py.File(mnist_h5, "r") as f:
+        labels = f["test/labels"][...]
+    assert len(lines) == len(labels) == 10000
+    assert all(line in {str(d) for d in range(10)} for line in lines)
+    accuracy = np.mean(np.array(lines, dtype=int) == labels)
+    summary = json.loads((run / "summary.json").read_text())
+    assert accuracy == summary["test_acc"]
+    assert f"accuracy {summary['test_acc']:.4f}" in result.stdout
+    assert png_size(run / "digits.png") == (1600, 480)
+    assert png_size(run / "confusion.png") == (600, 550)
+
+
+def test_probabilities_csv_rows_and_own_images(run_dir, mnist_h5, tmp_path):
+    run, _ = run_dir
+    with h5py.File(mnist_h5, "r") as f:
+        digits = f["test/images"][:3]
+    probs_out = tmp_path / "p.csv.gz"
+    csv = tmp_path / "rows.csv"
+    csv.write_text("\n".join(",".join(map(str, d)) for d in digits) + "\n")
+    by_csv = run_module("distnn.predict", "--model", run / "model.h5", "--csv", csv,
+                        "--out", probs_out, "--probabilities")
+    assert by_csv.returncode == 0, by_csv.stderr
+    rows = [l.split(",") for l in gzip.open(probs_out, "rt").read().splitlines()]
+    assert len(rows) == 3 and all(len(r) == 11 for r in rows)
+    assert all(abs(sum(map(float, r[1:])) - 1) < 1e-4 for r in rows)
+    import matplotlib.pyplot as plt
+    png = tmp_path / "mine.png"
+    plt.imsave(png, 255 - digits[0].reshape(28, 28), cmap="gray", vmin=0, vmax=255)  # dark on light
+    pgm = tmp_path / "mine.pgm"
+    pgm.write_bytes(b"P5\n# a test digit\n28 28\n255\n" + digits[1].tobytes())
+    by_image = run_module("distnn.predict", "--model", run / "model.h5", "--images", png, pgm,
+                          "--out", tmp_path / "i.csv.gz")
+    assert by_image.returncode == 0, by_image.stderr
+    assert f"mine.png: {rows[0][0]} (" in by_image.stdout
+    assert f"mine.pgm: {rows[1][0]} (" in by_image.stdout
+
+
+def test_bad_input_is_one_clear_error(run_dir, mnist_h5, tmp_path):
+    run, _ = run_dir
+    wrong = tmp_path / "wrong.h5"
+    outputs.save_model(wrong, model.init_params([100, 10]), [100, 10], "sigmoid", "ce")
+    big = tmp_path / "big.pgm"
+    big.write_bytes(b"P5 32 32 255\n" + bytes(32 * 32))
+    cases = [
+        (("distnn.predict", "--model", wrong, "--data", mnist_h5), "takes 100 inputs, but the images have 784"),
+        (("distnn.predict", "--model", run / "model.h5", "--images", big), "big.pgm: image is 32x32 pixels, expected 28x28"),
+        (("distnn.predict", "--model", tmp_path / "nope" / "model.h5"), "no such model file"),
+        (("distnn.plot", tmp_path / "nope"), "nope: no such run folder"),
+        (("distnn.plot", tmp_path), "no metrics.jsonl"),
+    ]
+    for args, message in cases:
+        result = run_module(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert message in result.stderr and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_missing_matplotlib_names_the_extra(run_dir):
+    run, _ = run_dir
+    code = ("import sys; sys.modules['matplotlib'] = None; from distnn.plot import main; "
+            f"sys.exit(main([{str(run)!r}]))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=run_env(),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "pip install 'distnn[plot]'" in result.stderr
