@@ -1,27 +1,44 @@
-"""``python -m distnn.bench``: throughput of exact training against a plain numpy loop.
+"""``python -m distnn.bench``: how fast exact training is, where the time goes, and the limit.
 
-Runs the trainer's own ``train_step`` on real MNIST rows for a fixed number of
-steps and, on a single rank, the same network trained by a plain float loop
-(``model.loss_and_grads`` + ``sgd_step``, no exactness) as the in-run
-reference. Repetitions alternate between the two so both see the same machine
-load; medians are reported. Under ``mpirun -n P`` it measures P ranks (the
-plain loop is then skipped).
+For one configuration (default 784-256-10 sigmoid/softmax, batch 256, block 32,
+float32) it measures, on real MNIST rows:
+
+- this machine's GEMM rate (float32 and float64) for the first layer's shape,
+  and from it an upper bound on samples/s (6 x weights flops per sample);
+- a plain numpy loop of the same network in one process, with ordinary float
+  reduction (``model.loss_and_grads`` + ``sgd_step``): the in-run reference;
+- exact training with the trainer's own per-step code under ``mpirun -n P`` for
+  each rank count (it launches itself), ranks above the core count marked as
+  oversubscribed: samples/s, per-step milliseconds in data loading, compute
+  and reduction (agreeing on grids, rounding and the Allreduce calls), the
+  bytes each rank contributes to the Allreduce calls per step, and the peak
+  resident memory per rank, with the data set in memory and with ``--stream``.
+
+Every figure is the median of ``--repeats`` repetitions after a warm-up. The
+table is printed and written as JSON and Markdown.
 """
 
 import argparse
 import json
+import os
+import platform
+import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 from mpi4py import MPI
-from threadpoolctl import threadpool_limits
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from distnn import model
 from distnn.config import DEFAULT_DATA, Config
 from distnn.data import Dataset
 from distnn.exact import ExactGradients
-from distnn.step import N_STATS, block_range, stack_blocks, train_step
+from distnn.step import N_STATS, BatchColumns, block_range, stack_blocks, train_step
 
 
 def parse_args(argv=None):
@@ -32,81 +49,228 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=256, help="global batch size (default 256)")
     p.add_argument("--block-size", type=int, default=32, help="rows per block (default 32)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="precision")
-    p.add_argument("--steps", type=int, default=40, help="steps per repetition (default 40)")
-    p.add_argument("--repeats", type=int, default=5, help="repetitions, after one warm-up (default 5)")
-    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--ranks", default="1,2,4", help="rank counts to measure (default 1,2,4)")
+    p.add_argument("--steps", type=int, default=200,
+                   help="steps per repetition (default 200; short windows are noisy)")
+    p.add_argument("--repeats", type=int, default=5, help="repetitions after a warm-up (default 5)")
+    p.add_argument("--out", default="bench", help="writes OUT.json and OUT.md (default bench)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--stream", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
-def batches(data, cfg, steps):
-    """The first ``steps`` global batches of epoch 1, as (uint8 images, labels)."""
+def config_of(args):
+    return Config(data=args.data, layers=tuple(int(w) for w in args.layers.split(",")),
+                  batch_size=args.batch_size, block_size=args.block_size, dtype=args.dtype)
+
+
+def median_of(fn, repeats):
+    """Median of ``repeats`` calls of ``fn`` (seconds) after one warm-up call."""
+    fn()
+    return statistics.median(fn() for _ in range(repeats))
+
+
+def batch_rows(data, cfg, steps):
+    """The training positions of the first ``steps`` batches of a shuffled epoch."""
     order = data.epoch_order(1, cfg.seed, True)
-    out = []
-    for s in range(steps):
-        rows = order[(s * cfg.batch_size) % (len(order) - cfg.batch_size):][:cfg.batch_size]
-        out.append(data.get("train", rows))
-    return out
+    return [order[(s * cfg.batch_size) % (len(order) - cfg.batch_size):][:cfg.batch_size]
+            for s in range(steps)]
 
 
-def time_exact(cfg, comm, work):
-    reducer = ExactGradients(cfg.layers, N_STATS, comm)
-    params = model.init_params(cfg.layers, cfg.seed, cfg.activation, cfg.np_dtype)
+def gemm_rate(dtype, rows, fan_in, fan_out, repeats):
+    """GFLOP/s of one (rows x fan_in) @ (fan_in x fan_out) product in ``dtype``."""
+    rng = np.random.default_rng(0)
+    a = rng.random((rows, fan_in)).astype(dtype)
+    b = rng.random((fan_in, fan_out)).astype(dtype)
+
+    def once():
+        start = time.perf_counter()
+        for _ in range(20):
+            a @ b
+        return (time.perf_counter() - start) / 20
+    return 2 * rows * fan_in * fan_out / median_of(once, repeats) / 1e9
+
+
+def plain_step_loop(cfg, data, rows):
+    """A timer for the plain numpy loop (one process, ordinary float reduction)."""
+    batches = [data.get("train", r) for r in rows]
+
+    def once():
+        params = model.init_params(cfg.layers, cfg.seed, cfg.activation, cfg.np_dtype)
+        start = time.perf_counter()
+        for images, labels in batches:
+            X = images.astype(cfg.np_dtype) / cfg.np_dtype(255)
+            _, grads = model.loss_and_grads(params, X, labels, cfg.activation, cfg.loss)
+            params = model.sgd_step(params, grads, cfg.lr)
+        return time.perf_counter() - start
+    return once
+
+
+def exact_step_loop(cfg, data, rows, comm, phases):
+    """A timer for exact training with the trainer's per-step code on ``comm``.
+
+    Each call appends its per-step milliseconds in data loading, compute and
+    reduction to ``phases``.
+    """
     n_blocks = -(-cfg.batch_size // cfg.block_size)
     lo, hi = block_range(n_blocks, comm.size, comm.rank)
-    local = [stack_blocks(images[lo * cfg.block_size:hi * cfg.block_size],
-                          labels[lo * cfg.block_size:hi * cfg.block_size],
-                          hi - lo, cfg.block_size, cfg.layers[-1]) for images, labels in work]
-    comm.Barrier()
-    start = time.perf_counter()
-    for pixels, T, mask in local:
-        params, _ = train_step(params, cfg, pixels, T, mask, reducer, cfg.batch_size,
-                               n_blocks * cfg.block_size)
-    comm.Barrier()
-    return time.perf_counter() - start
+    reducer = ExactGradients(cfg.layers, N_STATS, comm, dtype=cfg.np_dtype)
+    columns = BatchColumns(cfg.layers[0], comm)
+
+    sent = []
+
+    def once():
+        params = model.init_params(cfg.layers, cfg.seed, cfg.activation, cfg.np_dtype)
+        spent = dict(data=0.0, compute=0.0, reduction=0.0)
+        comm.Barrier()
+        start = time.perf_counter()
+        for batch in rows:
+            t0 = time.perf_counter()
+            images, labels = data.get("train", batch[lo * cfg.block_size:hi * cfg.block_size])
+            pixels, T, mask = stack_blocks(images, labels, hi - lo, cfg.block_size, cfg.layers[-1])
+            t1 = time.perf_counter()
+            used = data.nonzero_columns(batch)
+            used = columns(pixels) if used is None else used
+            t2 = time.perf_counter()
+            params, _ = train_step(params, cfg, pixels, T, mask, used, reducer, cfg.batch_size,
+                                   n_blocks * cfg.block_size)
+            t3 = time.perf_counter()
+            s = reducer.seconds
+            reduction = (t2 - t1) + s["agree"] + s["round"] + s["allreduce"]
+            spent["data"] += t1 - t0
+            spent["reduction"] += reduction
+            spent["compute"] += (t3 - t1) - reduction
+            sent.append(reducer.sent_bytes + reducer.agree.local.nbytes
+                        + (columns.local.nbytes if data.stream else 0))
+        comm.Barrier()
+        elapsed = time.perf_counter() - start
+        phases.append({k: 1e3 * v / len(rows) for k, v in spent.items()})
+        return elapsed
+    return once, sent
 
 
-def time_plain(cfg, work):
-    params = model.init_params(cfg.layers, cfg.seed, cfg.activation, cfg.np_dtype)
-    prepared = [(images.astype(cfg.np_dtype) / cfg.np_dtype(255), labels) for images, labels in work]
-    start = time.perf_counter()
-    for X, labels in prepared:
-        _, grads = model.loss_and_grads(params, X, labels, cfg.activation, cfg.loss)
-        params = model.sgd_step(params, grads, cfg.lr)
-    return time.perf_counter() - start
+def worker(args):
+    """One rank of an exact-training measurement; rank 0 writes the result JSON."""
+    threadpool_limits(limits=1, user_api="blas")
+    comm = MPI.COMM_WORLD
+    cfg = config_of(args)
+    data = Dataset(cfg.data, val_size=0, stream=args.stream)
+    rows = batch_rows(data, cfg, args.steps)
+    phases = []
+    once, sent = exact_step_loop(cfg, data, rows, comm, phases)
+    seconds = median_of(once, args.repeats)
+    peak_mb = max(comm.allgather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+    if comm.rank == 0:
+        result = {"ranks": comm.size, "stream": args.stream,
+                  "samples_per_s": len(rows) * cfg.batch_size / seconds,
+                  **{f"{k}_ms": statistics.median(t[k] for t in phases[1:]) for k in phases[0]},
+                  "allreduce_bytes_per_step": int(statistics.median(sent)), "peak_rss_mb": peak_mb}
+        Path(args.result).write_text(json.dumps(result))
+
+
+def run_worker(args, ranks, repeats, stream=False):
+    """Launch this module under ``mpirun -n ranks``; return its result dict."""
+    mpirun = Path(sys.executable).parent / "mpirun"
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        command = [str(mpirun) if mpirun.exists() else "mpirun", "-n", str(ranks), sys.executable,
+                   "-m", "distnn.bench", "--worker", "--result", str(out), "--data", args.data,
+                   "--layers", args.layers, "--batch-size", str(args.batch_size),
+                   "--block-size", str(args.block_size), "--dtype", args.dtype,
+                   "--steps", str(args.steps), "--repeats", str(repeats)]
+        done = subprocess.run(command + (["--stream"] if stream else []),
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"distnn.bench: error: the {ranks}-rank run failed:\n{done.stderr}")
+        return json.loads(out.read_text())
+
+
+def scaling(args, ranks):
+    """Per rank count, the medians over ``repeats`` rounds; the counts alternate each round,
+    so they all see the same machine load."""
+    rounds = [[run_worker(args, p, 1) for p in ranks] for _ in range(args.repeats)]
+    runs = []
+    for i, p in enumerate(ranks):
+        results = [r[i] for r in rounds]
+        runs.append({**results[0], **{k: statistics.median(r[k] for r in results)
+                                      for k in results[0] if k.endswith(("_s", "_ms", "_mb"))}})
+    return runs
+
+
+def machine():
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")), platform.processor()) \
+        if Path("/proc/cpuinfo").exists() else platform.processor()
+    blas = next((f"{i.get('internal_api')} {i.get('version')} ({i.get('architecture')})"
+                 for i in threadpool_info() if i.get("user_api") == "blas"), "unknown")
+    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+            "numpy": np.__version__, "blas": blas, "mpi": MPI.Get_library_version().splitlines()[0]}
+
+
+def markdown(report):
+    cfg, m = report["config"], report["machine"]
+    fan_in, fan_out = cfg["layers"].split(",")[:2]
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores; Python {m['python']}, numpy {m['numpy']}, "
+             f"{m['blas']}; {m['mpi']}. One BLAS thread per process.",
+             f"Network {cfg['layers']}, batch {cfg['batch_size']}, block {cfg['block_size']}, "
+             f"{cfg['dtype']}; medians of {cfg['repeats']} repetitions of {cfg['steps']} steps.",
+             "",
+             f"- GEMM {cfg['batch_size']} x {fan_in} x {fan_out}: float32 "
+             f"{report['gemm_gflops']['float32']:.1f} GFLOP/s, float64 "
+             f"{report['gemm_gflops']['float64']:.1f} GFLOP/s; upper bound at the {cfg['dtype']} "
+             f"rate: {report['bound_samples_per_s']:,.0f} samples/s per core.",
+             f"- In one process, alternating: plain numpy loop {report['plain_samples_per_s']:,.0f} "
+             f"samples/s, exact {report['exact_samples_per_s']:,.0f} samples/s: "
+             f"**{report['exact_vs_plain']:.2f}x** the plain loop.",
+             "", "| ranks | data | samples/s | vs 1 rank | of bound | data ms | compute ms "
+             "| reduction ms | Allreduce bytes/step | peak RSS/rank |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    base = next(r["samples_per_s"] for r in report["runs"] if r["ranks"] == 1 and not r["stream"])
+    for r in report["runs"]:
+        over = " (oversubscribed)" if r["ranks"] > m["cores"] else ""
+        bound = report["bound_samples_per_s"] * min(r["ranks"], m["cores"])
+        lines.append(
+            f"| {r['ranks']}{over} | {'stream' if r['stream'] else 'memory'} | "
+            f"{r['samples_per_s']:,.0f} | {r['samples_per_s'] / base:.2f} | "
+            f"{r['samples_per_s'] / bound:.0%} | {r['data_ms']:.2f} | {r['compute_ms']:.2f} | "
+            f"{r['reduction_ms']:.2f} | {r['allreduce_bytes_per_step']:,} | {r['peak_rss_mb']:.0f} MB |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
-    threadpool_limits(limits=1, user_api="blas")
     args = parse_args(argv)
-    comm = MPI.COMM_WORLD
-    cfg = Config(data=args.data, layers=tuple(int(w) for w in args.layers.split(",")),
-                 batch_size=args.batch_size, block_size=args.block_size, dtype=args.dtype)
+    if args.worker:
+        return worker(args)
+    threadpool_limits(limits=1, user_api="blas")
+    cfg = config_of(args)
     data = Dataset(cfg.data, val_size=0)
-    work = batches(data, cfg, args.steps)
-    exact, plain = [], []
-    for rep in range(args.repeats + 1):
-        t_exact = time_exact(cfg, comm, work)
-        t_plain = time_plain(cfg, work) if comm.size == 1 else None
-        if rep:  # the first repetition is the warm-up
-            exact.append(cfg.batch_size * args.steps / t_exact)
-            if t_plain:
-                plain.append(cfg.batch_size * args.steps / t_plain)
-    if comm.rank == 0:
-        result = {"ranks": comm.size, "layers": list(cfg.layers), "batch_size": cfg.batch_size,
-                  "block_size": cfg.block_size, "dtype": cfg.dtype, "steps": args.steps,
-                  "repeats": args.repeats,
-                  "exact_samples_per_s": statistics.median(exact),
-                  "plain_samples_per_s": statistics.median(plain) if plain else None}
-        line = (f"{comm.size} rank(s), {args.layers}, batch {cfg.batch_size}, block "
-                f"{cfg.block_size}, {cfg.dtype}: exact {result['exact_samples_per_s']:.0f} samples/s")
-        if plain:
-            ratio = result["exact_samples_per_s"] / result["plain_samples_per_s"]
-            line += f", plain numpy loop {result['plain_samples_per_s']:.0f} samples/s, ratio {ratio:.2f}"
-        print(line + f" (median of {args.repeats})")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=2)
+    rows = batch_rows(data, cfg, args.steps)
+    layers = cfg.layers
+    weights = sum(i * o for i, o in zip(layers[:-1], layers[1:]))
+    flops_per_sample = 2 * weights + 2 * weights + 2 * (weights - layers[0] * layers[1])
+    rates = {dt: gemm_rate(dt, cfg.batch_size, layers[0], layers[1], args.repeats)
+             for dt in ("float32", "float64")}
+    plain, (exact, _) = plain_step_loop(cfg, data, rows), exact_step_loop(cfg, data, rows,
+                                                                          MPI.COMM_SELF, [])
+    plain(), exact()  # warm-up
+    pairs = [(plain(), exact()) for _ in range(args.repeats)]
+    plain_s = statistics.median(p for p, _ in pairs)
+    exact_s = statistics.median(e for _, e in pairs)
+    samples = len(rows) * cfg.batch_size
+    report = {"config": {k: getattr(args, k) for k in ("layers", "batch_size", "block_size",
+                                                        "dtype", "steps", "repeats")},
+              "machine": machine(), "gemm_gflops": rates,
+              "bound_samples_per_s": rates[cfg.dtype] * 1e9 / flops_per_sample,
+              "plain_samples_per_s": samples / plain_s, "exact_samples_per_s": samples / exact_s,
+              "exact_vs_plain": statistics.median(p / e for p, e in pairs),
+              "runs": scaling(args, [int(r) for r in args.ranks.split(",")])}
+    report["runs"].append(run_worker(args, 1, args.repeats, stream=True))
+    table = markdown(report)
+    Path(f"{args.out}.json").write_text(json.dumps(report, indent=2) + "\n")
+    Path(f"{args.out}.md").write_text(table)
+    print(table + f"\nwrote {args.out}.json and {args.out}.md")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

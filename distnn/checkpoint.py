@@ -42,7 +42,7 @@ class TrainState:
     step: int = 0          # steps taken in the whole run
     epoch: int = 1         # the epoch in progress (1-based)
     position: int = 0      # steps of that epoch already taken
-    totals: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(4))
+    totals: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(2))  # loss, correct
     seen: int = 0          # samples of that epoch already trained on
     history: list = dataclasses.field(default_factory=list)  # metrics records so far
 

@@ -43,17 +43,19 @@ def headroom_bits(total_rows):
 
 def exponent(x):
     """e with max|x| < 2**e (EMPTY for all zeros); raises NonFiniteError on NaN/inf."""
-    peak = float(np.max(np.abs(x))) if x.size else 0.0
+    peak = max(float(x.max()), -float(x.min())) if x.size else 0.0  # no |x| temporary
     if not np.isfinite(peak):
         raise NonFiniteError("a NaN or infinity appeared in the loss or gradients")
     return max(int(np.frexp(peak)[1]), MIN_EXP) if peak > 0 else EMPTY
 
 
-def off_grid(total, shift, factor):
-    """total * 2**-shift * factor, in one pass unless 2**-shift would leave float64's range."""
+def off_grid(total, shift, factor, dtype=np.float64):
+    """total * 2**-shift * factor, computed in float64 and stored as ``dtype``: one
+    pass, unless 2**-shift would leave float64's range."""
     if abs(shift) < 900:
-        return total * (2.0 ** -shift * factor)
-    return np.ldexp(total, -shift) * factor
+        out = np.empty(total.shape, dtype)
+        return np.multiply(total, 2.0 ** -shift * factor, out=out, casting="unsafe")
+    return (np.ldexp(total, -shift) * factor).astype(dtype)
 
 
 def on_grid(x, shift):
@@ -114,40 +116,63 @@ class ExactGradients:
     ``layers`` are the widths; the first layer's input must be integer-valued
     with |value| < 2**first_input_bits (pixels 0..255: 8 bits) and stands for
     that integer times ``first_input_scale`` (1/255: pixels scaled to [0, 1]).
+
+    One preallocated buffer holds every sum: the small parts first (biases,
+    deeper weights, statistics), then the first weight matrix's rows. A call
+    may name the only first-layer input columns that are non-zero anywhere in
+    the batch (``first_rows``, the same on every rank); then only those rows of
+    the first weight gradient are computed, sent and returned (the others are
+    exactly zero), and the Allreduce covers just that prefix of the buffer.
     """
 
     def __init__(self, layers, n_stats, comm=MPI.COMM_SELF, first_input_bits=8,
-                 first_input_scale=1 / 255):
+                 first_input_scale=1 / 255, dtype=np.float64):
         self.comm = comm
+        self.dtype = dtype  # of the returned gradients (sums are exact; one rounding at the end)
         self.first_input_bits = first_input_bits
         self.first_input_scale = first_input_scale
         self.shapes = [(i, o) for i, o in zip(layers[:-1], layers[1:])]
-        sizes = [n for i, o in self.shapes for n in (i * o, o)] + [n_stats]
-        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
-        self.buffer = np.zeros(self.offsets[-1])
-        self.total = np.zeros_like(self.buffer)
+        small = [self.shapes[0][1]] + [n for i, o in self.shapes[1:] for n in (i * o, o)] + [n_stats]
+        self.offsets = np.concatenate([[0], np.cumsum(small)]).astype(int)
+        self.buffer = np.zeros(self.offsets[-1] + layers[0] * layers[1])
         n_layers = len(self.shapes)
         self.agree = _Agreement(2 * n_layers, comm)  # inputs 1.., deltas, stats
-        self.comm_seconds = 0.0  # time of the last call's two Allreduces
+        # seconds of the last call: agreeing on grids (incl. its Allreduce), rounding
+        # and rescaling, the exact GEMMs, and the Allreduce(SUM)
+        self.seconds = {"agree": 0.0, "round": 0.0, "gemm": 0.0, "allreduce": 0.0}
+        self.sent_bytes = 0  # size of the last Allreduce(SUM)
 
-    def _slot(self, k):
+    @property
+    def comm_seconds(self):
+        """Time of the last call's two Allreduces."""
+        return self.agree.seconds + self.seconds["allreduce"]
+
+    def _part(self, k):
+        """Buffer slice of small part k: b0, then W1, b1, W2, b2, ..., then the statistics."""
         return self.buffer[self.offsets[k]:self.offsets[k + 1]]
 
-    def __call__(self, inputs, deltas, stats, total_rows, divide_by=1):
+    def __call__(self, inputs, deltas, stats, total_rows, divide_by=1, first_rows=None):
         """Sum over all rows of all ranks, divided by ``divide_by`` (the batch size for means).
 
         ``inputs[l]`` (rows, fan_in) is layer l's input (``inputs[0]`` the integer
-        pixels), ``deltas[l]`` (rows, fan_out) its dLoss/dz, ``stats`` (rows, n).
-        Returns ([(sum a^T d, sum d) per layer], stat sums), all float64; the
-        statistics are not divided.
+        pixels, only the ``first_rows`` columns if given), ``deltas[l]`` (rows,
+        fan_out) its dLoss/dz, ``stats`` (rows, n). Returns ([(sum a^T d, sum d)
+        per layer] in ``dtype``, stat sums in float64); the statistics are not divided. The
+        first weight gradient has one row per ``first_rows`` entry (all rows if
+        None).
         """
+        t0 = time.perf_counter()
         exps = self.agree(list(inputs[1:]) + list(deltas) + [stats])
+        t1 = time.perf_counter()
         n_layers = len(self.shapes)
         in_exps, d_exps, stat_exp = [None] + exps[:n_layers - 1], exps[n_layers - 1:-1], exps[-1]
         bits = headroom_bits(total_rows)
-        scales = []
+        first_rows = np.arange(self.shapes[0][0]) if first_rows is None else first_rows
+        w0_shape = (len(first_rows), self.shapes[0][1])
+        w0 = self.buffer[self.offsets[-1]:self.offsets[-1] + w0_shape[0] * w0_shape[1]]
+        gemm, scales = 0.0, []
         for l, (a, d) in enumerate(zip(inputs, deltas)):
-            if l == 0:
+            if l == 0:  # pixels are integers already
                 qa, a_shift, d_bits = a, 0, bits - self.first_input_bits
             else:
                 a_bits = bits // 2
@@ -155,20 +180,26 @@ class ExactGradients:
                 qa = on_grid(a, a_shift)
             d_shift = d_bits - d_exps[l]
             qd = on_grid(d, d_shift)
-            np.matmul(qa.T, qd, out=self._slot(2 * l).reshape(self.shapes[l]))
-            np.sum(qd, axis=0, out=self._slot(2 * l + 1))
+            g0 = time.perf_counter()
+            np.matmul(qa.T, qd, out=w0.reshape(w0_shape) if l == 0 else
+                      self._part(2 * l - 1).reshape(self.shapes[l]))
+            gemm += time.perf_counter() - g0
+            np.sum(qd, axis=0, out=self._part(2 * l))
             scales.append((a_shift + d_shift, d_shift))
         stat_shift = bits - stat_exp
-        self._slot(2 * n_layers)[:] = on_grid(stats, stat_shift).sum(axis=0)
-        start = time.perf_counter()
-        self.comm.Allreduce(self.buffer, self.total, op=MPI.SUM)
-        self.comm_seconds = time.perf_counter() - start + self.agree.seconds
+        self._part(2 * n_layers - 1)[:] = on_grid(stats, stat_shift).sum(axis=0)
+        t2 = time.perf_counter()
+        sent = self.buffer[:self.offsets[-1] + w0.size]
+        self.comm.Allreduce(MPI.IN_PLACE, sent, op=MPI.SUM)
+        self.sent_bytes = sent.nbytes
+        t3 = time.perf_counter()
         grads = []
         for l, (w_shift, b_shift) in enumerate(scales):
             w_factor = (self.first_input_scale if l == 0 else 1) / divide_by
-            W = off_grid(self.total[self.offsets[2 * l]:self.offsets[2 * l + 1]], w_shift, w_factor)
-            b = off_grid(self.total[self.offsets[2 * l + 1]:self.offsets[2 * l + 2]], b_shift,
-                         1 / divide_by)
-            grads.append((W.reshape(self.shapes[l]), b))
-        stat_sums = off_grid(self.total[self.offsets[-2]:], stat_shift, 1.0)
+            W = off_grid(w0 if l == 0 else self._part(2 * l - 1), w_shift, w_factor, self.dtype)
+            b = off_grid(self._part(2 * l), b_shift, 1 / divide_by, self.dtype)
+            grads.append((W.reshape(w0_shape if l == 0 else self.shapes[l]), b))
+        stat_sums = off_grid(self._part(2 * n_layers - 1), stat_shift, 1.0)
+        self.seconds = {"agree": t1 - t0, "gemm": gemm, "allreduce": t3 - t2,
+                        "round": (t2 - t1 - gemm) + (time.perf_counter() - t3)}
         return grads, stat_sums

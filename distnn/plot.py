@@ -1,8 +1,8 @@
 """``python -m distnn.plot RUN_DIR [RUN_DIR ...]``: learning curves as a PNG.
 
 Three panels, as in the source report's figures 2.1-2.3: accuracy, quadratic
-cost and cross-entropy per epoch, for the training (running over each epoch),
-validation and test sets. Several runs share one figure, one colour each,
+cost and cross-entropy per epoch, for the validation and test sets, plus the
+training accuracy (running over each epoch). Several runs share one figure, one colour each,
 labelled by the settings that differ between them: the comparison figure of
 a learning-rate or batch-size sweep. Needs ``pip install 'distnn[plot]'``.
 """

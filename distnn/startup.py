@@ -15,6 +15,7 @@ import numpy as np
 from distnn import checkpoint, model, outputs
 from distnn.config import DEFAULT_DATA, differences, fmt
 from distnn.errors import UserError
+from distnn.step import N_STATS
 
 PROG = "distnn.train"
 
@@ -112,7 +113,7 @@ def share_state(comm, state, params):
     meta = None
     if comm.rank == 0:
         if state is None:
-            state = checkpoint.TrainState(params=params)
+            state = checkpoint.TrainState(params=params, totals=np.zeros(N_STATS))
         meta = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
                 if f.name != "params"}
     meta = comm.bcast(meta, root=0)

@@ -9,11 +9,13 @@ produces the same parameters, bit for bit.
 """
 
 import numpy as np
+from mpi4py import MPI
 
 from distnn import losses, model
 
 EVAL_BLOCK = 250  # rows per evaluation block: fixed, so metrics do not depend on P
-N_STATS = 4       # per row: loss, correct, quadratic cost, cross-entropy
+N_STATS = 2       # per training row: loss, correct
+N_EVAL_STATS = 3  # per evaluated row: correct, quadratic cost, cross-entropy
 
 
 def block_range(n_blocks, size, rank):
@@ -24,12 +26,12 @@ def block_range(n_blocks, size, rank):
 
 
 def stack_blocks(images, labels, n_blocks, block_size, n_out):
-    """Pad rows to n_blocks * block_size; return pixels (rows, 784), targets and mask.
+    """Pad rows to n_blocks * block_size; return uint8 pixels (rows, 784), targets and mask.
 
     Padding rows are zero and masked out; ``rows = n_blocks * block_size``.
     """
     rows = n_blocks * block_size
-    pixels = np.zeros((rows, images.shape[1]), np.float64)
+    pixels = np.zeros((rows, images.shape[1]), images.dtype)
     pixels[:len(images)] = images
     targets = np.zeros((rows, n_out))
     targets[np.arange(len(labels)), labels] = 1
@@ -43,36 +45,88 @@ def as_blocks(a, block_size):
 
 
 def scaled_blocks(pixels, dtype, block_size):
-    """Pixels 0..255 as [0, 1] values in ``dtype``, shaped (blocks, block_size, 784)."""
+    """Pixels 0..255 as [0, 1] values in ``dtype``, shaped (blocks, block_size, columns)."""
     return as_blocks(pixels.astype(dtype) / dtype(255), block_size)
 
 
-def row_stats(cfg, z, y, T, mask):
-    """Per-row loss, correct, quadratic cost and cross-entropy (zero on padding)."""
-    stats = [losses.per_sample_loss(cfg.loss, z, y, T), *model.metric_sums(y, T)]
-    return np.stack([s.astype(np.float64) for s in stats], axis=-1) * mask[..., None]
+class BatchColumns:
+    """The pixel columns that are non-zero somewhere in the global batch.
+
+    Columns that are zero in every row of the batch add nothing to the first
+    layer's forward pass or gradient, so a step skips them (about a third of
+    MNIST's pixels in a 256-row batch). The set comes from the whole global
+    batch, so it is the same for every rank count and the result stays
+    bit-identical: from the data set's per-row masks when every rank holds it
+    (:meth:`distnn.data.Dataset.nonzero_columns`), otherwise, when streaming,
+    from one ``Allreduce(BOR)`` of a 784-byte mask (this class).
+    """
+
+    def __init__(self, width, comm=MPI.COMM_SELF):
+        self.comm = comm
+        self.local = np.zeros(width, np.uint8)
+        self.union = np.zeros(width, np.uint8)
+
+    def __call__(self, pixels):
+        np.any(pixels, axis=0, out=self.local.view(bool))
+        self.comm.Allreduce(self.local, self.union, op=MPI.BOR)
+        return np.flatnonzero(self.union)
 
 
-def train_step(params, cfg, pixels, T, mask, reducer, n_rows, total_rows):
-    """One SGD step on this rank's rows (whole blocks); returns (params, global stat sums).
+def train_stats(cfg, z, y, T, mask):
+    """Per-row loss and correct (0/1) of a training step, zero on padding; (rows, 2)."""
+    stats = np.empty((*mask.shape, N_STATS))
+    stats[..., 0] = losses.per_sample_loss(cfg.loss, z, y, T)
+    stats[..., 1] = y.argmax(axis=-1) == T.argmax(axis=-1)
+    stats *= mask[..., None]
+    return stats
 
-    ``n_rows`` is the global batch size, ``total_rows`` the same padded to whole blocks.
 
-    Forward and backward run block by block (the bits of a block do not depend
-    on the rank count); the gradients are summed exactly by ``reducer``.
+def eval_stats(y, T, mask):
+    """Per-row correct, quadratic cost and cross-entropy, zero on padding; (rows, 3)."""
+    return np.stack(model.metric_sums(y, T), axis=-1) * mask[..., None]
+
+
+def train_step(params, cfg, pixels, T, mask, columns, reducer, n_rows, total_rows):
+    """One SGD step on this rank's rows (whole blocks), updating ``params`` in place;
+    returns (params, global stat sums).
+
+    ``pixels`` are uint8 (rows, 784), ``columns`` the batch's non-zero pixel
+    columns (:class:`BatchColumns`); ``n_rows`` is the global batch size,
+    ``total_rows`` the same padded to whole blocks. Forward and backward run
+    block by block (the bits of a block do not depend on the rank count); the
+    gradients are summed exactly by ``reducer``.
     """
     dtype, bs = cfg.np_dtype, cfg.block_size
-    X = scaled_blocks(pixels, dtype, bs)
+    used = pixels[:, columns]
+    X = scaled_blocks(used, dtype, bs)
+    (W0, b0), rest = params[0], params[1:]
+    narrowed = [(W0[columns], b0), *rest]
     Tb, maskb = as_blocks(T.astype(dtype), bs), as_blocks(mask[:, None].astype(dtype), bs)
-    inputs, zs, y = model.forward_pass(params, X, cfg.activation, cfg.loss)
+    inputs, zs, y = model.forward_pass(narrowed, X, cfg.activation, cfg.loss)
     delta = losses.output_delta(cfg.loss, zs[-1], y, Tb) * maskb
-    deltas = model.layer_deltas(params, inputs, zs, delta, cfg.activation)
+    deltas = model.layer_deltas(narrowed, inputs, zs, delta, cfg.activation)
     rows = len(pixels)
-    flat_inputs = [pixels] + [a.reshape(rows, a.shape[-1]) for a in inputs[1:]]
+    flat_inputs = [used.astype(np.float64)] + [a.reshape(rows, a.shape[-1]) for a in inputs[1:]]
     flat_deltas = [d.reshape(rows, d.shape[-1]) for d in deltas]
-    stats = row_stats(cfg, zs[-1], y, Tb, maskb[..., 0]).reshape(rows, N_STATS)
-    mean, stat_sums = reducer(flat_inputs, flat_deltas, stats, total_rows, divide_by=n_rows)
-    return model.sgd_step(params, mean, cfg.lr), stat_sums
+    stats = train_stats(cfg, zs[-1], y, Tb, maskb[..., 0]).reshape(rows, N_STATS)
+    steps, stat_sums = reducer(flat_inputs, flat_deltas, stats, total_rows,
+                               divide_by=n_rows / cfg.lr, first_rows=columns)
+    return sgd_update(params, steps, columns), stat_sums
+
+
+def sgd_update(params, steps, first_rows):
+    """``p -= step`` in place, ``step`` being the learning rate times the mean gradient.
+
+    The first weight matrix's step holds only the ``first_rows`` rows; the other
+    rows' gradient is exactly zero, and ``w - 0`` is ``w``, so they are skipped.
+    """
+    for i, ((W, b), (sW, sb)) in enumerate(zip(params, steps)):
+        if i == 0:
+            W[first_rows] -= sW
+        else:
+            W -= sW
+        b -= sb
+    return params
 
 
 def predict(params, images, activation, loss, dtype):
@@ -95,8 +149,7 @@ def evaluate(params, cfg, data, split, comm, reducer):
     pixels, T, mask = stack_blocks(images, labels, hi - lo, EVAL_BLOCK, cfg.layers[-1])
     X = scaled_blocks(pixels, cfg.np_dtype, EVAL_BLOCK)
     _, zs, y = model.forward_pass(params, X, cfg.activation, cfg.loss)
-    stats = row_stats(cfg, zs[-1], y, as_blocks(T, EVAL_BLOCK),
-                      as_blocks(mask[:, None], EVAL_BLOCK)[..., 0])
-    correct, quad, cross = reducer([stats.reshape(len(pixels), N_STATS)],
-                                   n_blocks * EVAL_BLOCK)[0][1:]
+    stats = eval_stats(y, as_blocks(T, EVAL_BLOCK), as_blocks(mask[:, None], EVAL_BLOCK)[..., 0])
+    correct, quad, cross = reducer([stats.reshape(len(pixels), N_EVAL_STATS)],
+                                   n_blocks * EVAL_BLOCK)[0]
     return {"acc": correct / n, "quadratic_cost": quad / n, "cross_entropy": cross / n}

@@ -24,7 +24,8 @@ from distnn.data import Dataset
 from distnn.errors import Diverged, Stopped, UserError
 from distnn.exact import ExactGradients, ExactSum, NonFiniteError
 from distnn.progress import Progress
-from distnn.step import N_STATS, block_range, evaluate, stack_blocks, train_step
+from distnn.step import (N_EVAL_STATS, N_STATS, BatchColumns, block_range, evaluate,
+                         stack_blocks, train_step)
 from distnn.stop import StopRequest
 
 PROG = startup.PROG
@@ -34,12 +35,17 @@ def epoch_record(state, params, cfg, data, comm, eval_reducer, timers, seconds):
     """The metrics record of the epoch in progress: running training sums plus evaluation."""
     seen, totals = state.seen, state.totals
     record = {"epoch": state.epoch, "step": state.step, "train_loss": totals[0] / seen,
-              "train_acc": totals[1] / seen, "train_quadratic_cost": totals[2] / seen,
-              "train_cross_entropy": totals[3] / seen,
+              "train_acc": totals[1] / seen,
               "samples_per_s": seen / seconds if seconds else None,
               **{f"{k}_s": round(v, 4) for k, v in timers.items()}}
     for split in ("val", "test"):
-        for key, value in (evaluate(params, cfg, data, split, comm, eval_reducer) or {}).items():
+        try:
+            scores = evaluate(params, cfg, data, split, comm, eval_reducer) or {}
+        except NonFiniteError:
+            raise Diverged(f"training diverged by step {state.step}: the {split} outputs became "
+                           "NaN or infinite; the last good checkpoint is kept; lower --lr",
+                           agreed=True) from None
+        for key, value in scores.items():
             record[f"{split}_{key}"] = value
     return record
 
@@ -99,8 +105,9 @@ def run(cfg, comm=MPI.COMM_SELF, stop=None):
         if rank == 0:
             return checkpoint.save(out / "checkpoints", state, config_json, data.fingerprint, cfg.keep)
 
-    reducer = ExactGradients(cfg.layers, N_STATS, comm)
-    eval_reducer = ExactSum([N_STATS], comm)
+    reducer = ExactGradients(cfg.layers, N_STATS, comm, dtype=cfg.np_dtype)
+    eval_reducer = ExactSum([N_EVAL_STATS], comm)
+    batch_columns = BatchColumns(cfg.layers[0], comm)
     record = state.history[-1] if state.history else None
     trained, train_seconds, start = 0, 0.0, time.perf_counter()
     while state.epoch <= cfg.epochs and not (cfg.max_steps and state.step >= cfg.max_steps):
@@ -113,9 +120,11 @@ def run(cfg, comm=MPI.COMM_SELF, stop=None):
             lo, hi = block_range(n_blocks, size, rank)
             images, labels = data.get("train", batch[lo * cfg.block_size:hi * cfg.block_size])
             pixels, T, mask = stack_blocks(images, labels, hi - lo, cfg.block_size, cfg.layers[-1])
+            columns = data.nonzero_columns(batch)
+            columns = batch_columns(pixels) if columns is None else columns
             t1 = time.perf_counter()
             try:
-                new_params, stats = train_step(state.params, cfg, pixels, T, mask, reducer,
+                new_params, stats = train_step(state.params, cfg, pixels, T, mask, columns, reducer,
                                                len(batch), n_blocks * cfg.block_size)
             except NonFiniteError:
                 raise Diverged(f"training diverged at epoch {state.epoch}, step {state.step + 1}: "
@@ -146,6 +155,7 @@ def run(cfg, comm=MPI.COMM_SELF, stop=None):
             save_checkpoint()  # stopped by --max-steps inside an epoch: resumable from here
         dcomm.check_replicas(comm, state.params, f"after step {state.step}")
         record = epoch_record(state, state.params, cfg, data, comm, eval_reducer, timers, seconds)
+        record["elapsed_s"] = round(time.perf_counter() - start, 3)
         if rank == 0:
             metrics_log.append(record)
             if not cfg.quiet:
@@ -211,6 +221,7 @@ def parse(argv, comm):
 
 def main(argv=None):
     threadpool_limits(limits=1, user_api="blas")
+    np.seterr(all="ignore")  # NaN and infinity are detected and reported as divergence
     comm = MPI.COMM_WORLD
     stop = StopRequest(comm).install()
 

@@ -42,7 +42,7 @@ def run_env():
     return env
 
 
-TIMING_KEYS = {"samples_per_s", "compute_s", "comm_s", "data_s", "wall_s"}
+TIMING_KEYS = {"samples_per_s", "compute_s", "comm_s", "data_s", "wall_s", "elapsed_s"}
 
 
 def launch_train(args, ranks=None, timeout=180, cwd=ROOT):

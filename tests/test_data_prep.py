@@ -85,7 +85,7 @@ def test_bundled_mnist_matches_idx_payloads(mnist_h5):
             assert f.attrs[f"sha256_{split}_{kind}"] == sums[name]
         assert f["train/images"].shape == (60000, 784)
         assert f["test/images"].shape == (10000, 784)
-        assert f["train/images"].chunks == (256, 784) and f["train/images"].fletcher32
+        assert f["train/images"].chunks == (16, 784) and f["train/images"].fletcher32
 
 
 def test_cli_keeps_good_output_and_force_rebuilds(tmp_path, mnist_h5):

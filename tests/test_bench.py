@@ -1,0 +1,27 @@
+"""The benchmark runs end to end in a tiny configuration (no speed is asserted)."""
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT, run_env
+
+
+def test_bench_writes_its_table(mnist_h5, tmp_path):
+    out = tmp_path / "bench"
+    result = subprocess.run(
+        [sys.executable, "-m", "distnn.bench", "--data", str(mnist_h5), "--layers", "784,8,10",
+         "--batch-size", "32", "--block-size", "4", "--ranks", "1,2", "--steps", "3",
+         "--repeats", "1", "--out", str(out)],
+        cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert [(r["ranks"], r["stream"]) for r in report["runs"]] == [(1, False), (2, False), (1, True)]
+    for run in report["runs"]:
+        assert run["samples_per_s"] > 0 and run["peak_rss_mb"] > 0
+        assert run["allreduce_bytes_per_step"] > 0
+        assert {"data_ms", "compute_ms", "reduction_ms"} <= set(run)
+    assert report["plain_samples_per_s"] > 0 and report["exact_vs_plain"] > 0
+    assert report["gemm_gflops"]["float32"] > 0 and report["bound_samples_per_s"] > 0
+    table = out.with_suffix(".md").read_text()
+    assert table in result.stdout and "| 2 | memory |" in table and "| 1 | stream |" in table
