@@ -226,7 +226,8 @@ def markdown(report):
              "", "| ranks | data | samples/s | vs 1 rank | of bound | data ms | compute ms "
              "| reduction ms | Allreduce bytes/step | peak RSS/rank |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    base = next(r["samples_per_s"] for r in report["runs"] if r["ranks"] == 1 and not r["stream"])
+    base = next((r["samples_per_s"] for r in report["runs"] if r["ranks"] == 1 and not r["stream"]),
+                float("nan"))  # "vs 1 rank" needs a 1-rank run
     for r in report["runs"]:
         over = " (oversubscribed)" if r["ranks"] > m["cores"] else ""
         bound = report["bound_samples_per_s"] * min(r["ranks"], m["cores"])

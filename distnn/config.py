@@ -3,6 +3,7 @@
 import argparse
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -159,6 +160,8 @@ def check(config):
     for flag, value in positive.items():
         if not value > 0:
             raise UserError(f"{flag} must be positive, got {value}")
+    if not math.isfinite(config.lr):
+        raise UserError(f"--lr must be a finite number, got {config.lr}")
     if config.keep < 1:
         raise UserError(f"--keep must be at least 1, got {config.keep}")
     for flag, value in {"--max-steps": config.max_steps, "--val-size": config.val_size,

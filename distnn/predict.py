@@ -51,8 +51,11 @@ def read_pgm(path):
         tokens.append(data[pos:end])
         pos = end
     magic, width, height, maxval = tokens[0], *map(int, tokens[1:])
+    if not 0 < maxval < 65536:
+        raise ValueError(f"PGM maxval {maxval} is outside 1..65535")
     if magic == b"P5":
-        pixels = np.frombuffer(data[pos + 1:pos + 1 + width * height], np.uint8)
+        kind = np.dtype(np.uint8) if maxval < 256 else np.dtype(">u2")
+        pixels = np.frombuffer(data[pos + 1:pos + 1 + width * height * kind.itemsize], kind)
     elif magic == b"P2":
         pixels = np.array(data[pos:].split()[:width * height], dtype=np.float64)
     else:
@@ -192,6 +195,16 @@ def run(args):
     return "\n".join(lines)
 
 
+def non_negative(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m distnn.predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -202,7 +215,7 @@ def main(argv=None):
     p.add_argument("--out", help="predictions file (default: predictions.csv.gz beside the model)")
     p.add_argument("--probabilities", action="store_true",
                    help="write the output values after each label")
-    p.add_argument("--show", type=int, default=0, metavar="N",
+    p.add_argument("--show", type=non_negative, default=0, metavar="N",
                    help="save N digits with their output bar charts (digits.png) and a "
                         "confusion matrix (confusion.png) beside the predictions")
     p.add_argument("--seed", type=int, default=0, help="which digits --show picks (default 0)")

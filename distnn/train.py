@@ -31,12 +31,16 @@ from distnn.stop import StopRequest
 PROG = startup.PROG
 
 
-def epoch_record(state, params, cfg, data, comm, eval_reducer, timers, seconds):
-    """The metrics record of the epoch in progress: running training sums plus evaluation."""
+def epoch_record(state, params, cfg, data, comm, eval_reducer, timers, seconds, trained):
+    """The metrics record of the epoch in progress: running training sums plus evaluation.
+
+    ``trained`` samples took ``seconds`` in this process (less than the epoch's
+    samples when it resumed from a checkpoint inside the epoch).
+    """
     seen, totals = state.seen, state.totals
     record = {"epoch": state.epoch, "step": state.step, "train_loss": totals[0] / seen,
               "train_acc": totals[1] / seen,
-              "samples_per_s": seen / seconds if seconds else None,
+              "samples_per_s": trained / seconds if seconds else None,
               **{f"{k}_s": round(v, 4) for k, v in timers.items()}}
     for split in ("val", "test"):
         try:
@@ -141,7 +145,8 @@ def run(cfg, comm=MPI.COMM_SELF, stop=None):
             if signum:
                 path = comm.bcast(save_checkpoint(), root=0)
                 raise Stopped(f"{signal.Signals(signum).name} received: stopped after step "
-                              f"{state.step}, checkpoint {path}; continue with --resume", agreed=True)
+                              f"{state.step}, checkpoint {path}; continue with --resume "
+                              f"--out {cfg.out}", agreed=True)
             if (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0
                     and state.position < steps_per_epoch):
                 save_checkpoint()
@@ -154,7 +159,8 @@ def run(cfg, comm=MPI.COMM_SELF, stop=None):
         if not finished:
             save_checkpoint()  # stopped by --max-steps inside an epoch: resumable from here
         dcomm.check_replicas(comm, state.params, f"after step {state.step}")
-        record = epoch_record(state, state.params, cfg, data, comm, eval_reducer, timers, seconds)
+        record = epoch_record(state, state.params, cfg, data, comm, eval_reducer, timers, seconds,
+                              state.seen - seen_before)
         record["elapsed_s"] = round(time.perf_counter() - start, 3)
         if rank == 0:
             metrics_log.append(record)
@@ -171,7 +177,7 @@ def run(cfg, comm=MPI.COMM_SELF, stop=None):
         # resumed at a --max-steps stop inside an epoch with nothing left to do:
         # that epoch's record (the same numbers as before) closes the run again
         record = epoch_record(state, state.params, cfg, data, comm, eval_reducer,
-                              dict(compute=0.0, comm=0.0, data=0.0), 0.0)
+                              dict(compute=0.0, comm=0.0, data=0.0), 0.0, 0)
         if rank == 0:
             metrics_log.append(record)
     data.close()

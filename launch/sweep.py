@@ -52,10 +52,12 @@ def submit(args, train_args):
     if (folder / "grid.tsv").exists():
         raise SweepError(f"{folder}: already holds a sweep; choose another folder")
     grid = write_grid(folder, args.lr, args.batch_size)
+    for task in range(len(grid)):  # each element logs into its own run folder
+        (folder / f"task-{task}").mkdir()
     env = dict(os.environ, DISTNN_SWEEP=str(folder), DISTNN_HOME=str(HOME),
                DISTNN_PYTHON=os.environ.get("DISTNN_PYTHON", sys.executable))
     command = ["sbatch", "--parsable", f"--array=0-{len(grid) - 1}", f"--ntasks={args.ntasks}",
-               f"--output={folder}/task-%a.out", *args.sbatch_arg, str(SBATCH), *train_args]
+               f"--output={folder}/task-%a/job.out", *args.sbatch_arg, str(SBATCH), *train_args]
     if args.wait:
         command.insert(1, "--wait")
     try:
@@ -81,7 +83,7 @@ def collect(folder):
             data = json.loads(summary.read_text())
             row.update({k: data.get(k) for k in ("test_acc", "val_acc", "train_loss", "epochs", "steps")},
                        status="done")
-        elif (folder / f"task-{task}" / "checkpoints").exists():
+        elif any((folder / f"task-{task}" / name).exists() for name in ("checkpoints", "job.out")):
             row["status"] = "unfinished"
         rows.append(row)
     rows.sort(key=lambda r: (r.get("test_acc") is None, -(r.get("test_acc") or 0), r["task"]))

@@ -69,7 +69,7 @@ def test_sigterm_on_4_ranks_then_resume_on_1(reference, mnist_h5, tmp_path):
     job.send_signal(signal.SIGTERM)
     _, err = job.communicate(timeout=60)
     assert job.returncode == EXIT_STOPPED, err
-    assert "SIGTERM received: stopped after step" in err and "--resume" in err
+    assert "SIGTERM received: stopped after step" in err and f"--resume --out {tmp_path}" in err
     step = checkpoint.listing(tmp_path / "checkpoints")[-1][0]
     assert f"stopped after step {step}," in err
     resumed = launch_train(["--data", mnist_h5, "--out", tmp_path, *ARGS, "--resume"])

@@ -104,6 +104,25 @@ def test_signal_requeues_and_resumes_to_the_same_result(mnist_h5, tmp_path):
     assert run_result(out) == run_result(tmp_path / "ref")
 
 
+def test_plain_scancel_checkpoints_and_ends_without_requeue(mnist_h5, tmp_path):
+    out = tmp_path / "slurm"
+    submitted = subprocess.run(["sbatch", "--parsable", "-n", "2", "-o", str(tmp_path / "job.out"),
+                                str(TRAIN_SBATCH), "--data", str(mnist_h5), *ARGS],
+                               env=slurm_env(out), capture_output=True, text=True, cwd=tmp_path)
+    assert submitted.returncode == 0, submitted.stderr
+    job = submitted.stdout.strip()
+    wait_for(lambda: checkpoint.listing(out / "checkpoints"), 300, "the first checkpoint")
+    subprocess.run(["scancel", job], check=True)
+    state, restarts = wait_for(
+        lambda: (lambda s: s if s[0] in ("COMPLETED", "FAILED", "CANCELLED") else None)(
+            job_state(job)), 300, "the job to end")
+    log = wait_for(lambda: (lambda t: t if "SIGTERM received" in t else None)(
+        (tmp_path / "job.out").read_text()), 60, "the job's last words")
+    assert state == "CANCELLED" and restarts == 0, log
+    assert "checkpointing and ending" in log and "requeueing" not in log
+    checkpoint.load(checkpoint.listing(out / "checkpoints")[-1][1])
+
+
 def test_sweep_array_and_collected_table(mnist_h5, tmp_path):
     folder = tmp_path / "sweep"
     env = run_env()
@@ -128,3 +147,6 @@ def test_sweep_array_and_collected_table(mnist_h5, tmp_path):
         assert f"{summary['test_acc']:.4f}" in collected.stdout
     assert (folder / "results.csv").read_text().count("\n") == 5
     assert (folder / "results.md").read_text() == collected.stdout.rstrip("\n") + "\n"
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith("task-")) == \
+        [f"task-{i}" for i in range(4)]  # logs live inside the run folders
+    assert all((folder / f"task-{i}" / "job.out").exists() for i in range(4))

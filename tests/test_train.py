@@ -118,6 +118,7 @@ def error_line(result):
 @pytest.mark.parametrize("args, message", [
     (["--batch-size", "0"], "--batch-size must be positive, got 0"),
     (["--lr", "-1"], "--lr must be positive, got -1.0"),
+    (["--lr", "inf"], "--lr must be a finite number, got inf"),
     (["--batch-size", "8", "--block-size", "4"],
      "--batch-size 8 with --block-size 4 gives 2 blocks per step for 3 ranks; lower --block-size"),
     (["--layers", "784,8,9"], "output width must be 10"),

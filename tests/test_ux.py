@@ -128,11 +128,16 @@ def test_probabilities_csv_rows_and_own_images(run_dir, mnist_h5, tmp_path):
     plt.imsave(png, 255 - digits[0].reshape(28, 28), cmap="gray", vmin=0, vmax=255)  # dark on light
     pgm = tmp_path / "mine.pgm"
     pgm.write_bytes(b"P5\n# a test digit\n28 28\n255\n" + digits[1].tobytes())
+    wide = tmp_path / "wide.pgm"  # 16-bit samples, big-endian
+    wide.write_bytes(b"P5 28 28 65535\n" + (digits[2].astype(">u2") * 257).tobytes())
     by_image = run_module("distnn.predict", "--model", run / "model.h5", "--images", png, pgm,
-                          "--out", tmp_path / "i.csv.gz")
+                          wide, "--out", tmp_path / "i.csv.gz")
     assert by_image.returncode == 0, by_image.stderr
     assert f"mine.png: {rows[0][0]} (" in by_image.stdout
     assert f"mine.pgm: {rows[1][0]} (" in by_image.stdout
+    assert f"wide.pgm: {rows[2][0]} (" in by_image.stdout
+    negative = run_module("distnn.predict", "--model", run / "model.h5", "--show", "-1")
+    assert negative.returncode == 2 and "must be 0 or more" in negative.stderr
 
 
 def test_bad_input_is_one_clear_error(run_dir, mnist_h5, tmp_path):
@@ -141,10 +146,13 @@ def test_bad_input_is_one_clear_error(run_dir, mnist_h5, tmp_path):
     outputs.save_model(wrong, model.init_params([100, 10]), [100, 10], "sigmoid", "ce")
     big = tmp_path / "big.pgm"
     big.write_bytes(b"P5 32 32 255\n" + bytes(32 * 32))
+    zero = tmp_path / "zero.pgm"
+    zero.write_bytes(b"P5 28 28 0\n" + bytes(28 * 28))
     cases = [
         (("distnn.predict", "--model", wrong, "--data", mnist_h5), "takes 100 inputs, but the images have 784"),
         (("distnn.predict", "--model", run / "model.h5", "--images", big), "big.pgm: image is 32x32 pixels, expected 28x28"),
         (("distnn.predict", "--model", tmp_path / "nope" / "model.h5"), "no such model file"),
+        (("distnn.predict", "--model", run / "model.h5", "--images", zero), "maxval 0 is outside"),
         (("distnn.plot", tmp_path / "nope"), "nope: no such run folder"),
         (("distnn.plot", tmp_path), "no metrics.jsonl"),
     ]
