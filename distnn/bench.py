@@ -38,7 +38,7 @@ from distnn import model
 from distnn.config import DEFAULT_DATA, Config
 from distnn.data import Dataset
 from distnn.exact import ExactGradients
-from distnn.step import N_STATS, BatchColumns, block_range, stack_blocks, train_step
+from distnn.step import N_STATS, BatchColumns, local_share, train_step
 
 
 def parse_args(argv=None):
@@ -113,8 +113,6 @@ def exact_step_loop(cfg, data, rows, comm, phases):
     Each call appends its per-step milliseconds in data loading, compute and
     reduction to ``phases``.
     """
-    n_blocks = -(-cfg.batch_size // cfg.block_size)
-    lo, hi = block_range(n_blocks, comm.size, comm.rank)
     reducer = ExactGradients(cfg.layers, N_STATS, comm, dtype=cfg.np_dtype)
     columns = BatchColumns(cfg.layers[0], comm)
 
@@ -127,14 +125,12 @@ def exact_step_loop(cfg, data, rows, comm, phases):
         start = time.perf_counter()
         for batch in rows:
             t0 = time.perf_counter()
-            images, labels = data.get("train", batch[lo * cfg.block_size:hi * cfg.block_size])
-            pixels, T, mask = stack_blocks(images, labels, hi - lo, cfg.block_size, cfg.layers[-1])
+            pixels, T, mask, total_rows = local_share(data, batch, cfg, comm)
             t1 = time.perf_counter()
-            used = data.nonzero_columns(batch)
-            used = columns(pixels) if used is None else used
+            used = columns(data, batch, pixels)
             t2 = time.perf_counter()
             params, _ = train_step(params, cfg, pixels, T, mask, used, reducer, cfg.batch_size,
-                                   n_blocks * cfg.block_size)
+                                   total_rows)
             t3 = time.perf_counter()
             s = reducer.seconds
             reduction = (t2 - t1) + s["agree"] + s["round"] + s["allreduce"]

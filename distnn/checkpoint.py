@@ -9,7 +9,8 @@ state independent of the rank count, so a run can resume on any number of
 ranks.
 
 Files are ``<out>/checkpoints/ckpt-<step>.h5``, written by rank 0 under a
-temporary name, fsync'd, renamed and the folder fsync'd: a crash at any moment
+temporary name, fsync'd, renamed and the folder fsync'd
+(:func:`distnn.outputs.atomic_write`): a crash at any moment
 leaves the previous checkpoint intact. Each file carries a SHA-256 of its
 contents, checked on load, and nothing in it is pickled.
 """
@@ -17,14 +18,13 @@ contents, checked on load, and nothing in it is pickled.
 import dataclasses
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from distnn.outputs import fsync_dir
+from distnn.outputs import atomic_write
 
 FORMAT = "distnn-checkpoint"
 VERSION = 1
@@ -66,8 +66,8 @@ def save(folder, state, config_json, data_fingerprint, keep):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"ckpt-{state.step:09d}.h5"
-    tmp = folder / f".{path.name}.tmp"
-    try:
+
+    def write(tmp):
         with h5py.File(tmp, "w") as f:
             for i, (W, b) in enumerate(state.params):
                 f[f"params/{i}/W"] = W
@@ -78,13 +78,7 @@ def save(folder, state, config_json, data_fingerprint, keep):
                             "seen": state.seen, "history": json.dumps(state.history),
                             "config": config_json, "data": data_fingerprint,
                             "sha256": digest(state, config_json, data_fingerprint)})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(folder)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, write)
     for old in sorted(listing(folder))[:-keep]:
         old[1].unlink(missing_ok=True)
     for stale in folder.glob(".ckpt-*.tmp"):

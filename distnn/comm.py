@@ -12,7 +12,6 @@ import sys
 import time
 import traceback
 
-from mpi4py import MPI
 
 from distnn.errors import CleanExit, UserError
 
@@ -50,14 +49,6 @@ def check_replicas(comm, params, when):
         bad = [r for r, d in enumerate(digests) if d != digests[0]]
         raise RuntimeError(f"ranks {bad} hold different parameters from rank 0 {when}")
     return digests[0]
-
-
-def broadcast_params(comm, params):
-    """Make every rank hold rank 0's parameters (in place, upper-case Bcast)."""
-    for W, b in params:
-        comm.Bcast(W, root=0)
-        comm.Bcast(b, root=0)
-    return params
 
 
 def run_or_abort(comm, prog, fn):

@@ -5,6 +5,19 @@ Exit codes: 0 finished; 1 crashed (a bug or a lost rank; traceback shown);
 after writing a checkpoint (resume with --resume).
 """
 
+import sys
+
+
+def cli(prog, action, errors):
+    """Print ``action()``'s result and return 0; an ``errors`` exception becomes one
+    line on stderr and exit code 2 (the tools besides the trainer)."""
+    try:
+        print(action())
+    except errors as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
 
 class CleanExit(Exception):
     """Ends the run with one message line and ``exit_code``, never a traceback.

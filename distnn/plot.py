@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from distnn.errors import cli
+
 PANELS = (("acc", "accuracy"), ("quadratic_cost", "quadratic cost"),
           ("cross_entropy", "cross-entropy cost"))
 SPLITS = (("train", "-"), ("val", "--"), ("test", ":"))
@@ -85,8 +87,12 @@ def plot(folders, out):
             ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out, dpi=DPI)
-    plt.close(fig)
+    try:
+        fig.savefig(out, dpi=DPI)
+    except OSError as exc:
+        raise PlotError(f"{out}: cannot write ({exc.strerror or exc})") from None
+    finally:
+        plt.close(fig)
     return out
 
 
@@ -99,15 +105,7 @@ def main(argv=None):
                         "comparison.png in the working directory for several)")
     args = p.parse_args(argv)
     out = args.out or (args.runs[0] / "curves.png" if len(args.runs) == 1 else Path("comparison.png"))
-    try:
-        print(f"wrote {plot(args.runs, out)}")
-    except PlotError as exc:
-        print(f"distnn.plot: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"distnn.plot: error: {out}: cannot write ({exc.strerror or exc})", file=sys.stderr)
-        return 2
-    return 0
+    return cli("distnn.plot", lambda: f"wrote {plot(args.runs, out)}", PlotError)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import gzip
 import sys
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from data_prep import PrepError
@@ -28,7 +27,7 @@ from data_prep.csv_source import read_csv_images
 from distnn import outputs
 from distnn.config import DEFAULT_DATA
 from distnn.data import Dataset
-from distnn.errors import UserError
+from distnn.errors import UserError, cli
 from distnn.plot import PlotError, need_matplotlib
 from distnn.step import predict
 
@@ -107,10 +106,10 @@ def write_predictions(path, probs, with_probabilities):
     labels = probs.argmax(axis=1)
     lines = [str(l) if not with_probabilities else
              ",".join([str(l)] + [f"{p:.6g}" for p in row]) for l, row in zip(labels, probs)]
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    with gzip.open(tmp, "wt") as f:
-        f.write("\n".join(lines) + "\n")
-    tmp.replace(path)
+    def write(tmp):
+        with gzip.open(tmp, "wt") as f:
+            f.write("\n".join(lines) + "\n")
+    outputs.atomic_write(path, write)
 
 
 def show_digits(path, images, labels, probs, count, seed):
@@ -222,15 +221,7 @@ def main(argv=None):
     p.add_argument("--no-invert", dest="invert", action="store_const", const="no", default="auto",
                    help="do not invert images with a light background")
     args = p.parse_args(argv)
-    try:
-        print(run(args))
-    except (UserError, PlotError) as exc:
-        print(f"distnn.predict: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"distnn.predict: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return cli("distnn.predict", lambda: run(args), (UserError, PlotError, OSError))
 
 
 if __name__ == "__main__":

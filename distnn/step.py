@@ -25,19 +25,31 @@ def block_range(n_blocks, size, rank):
     return lo, lo + base + (rank < extra)
 
 
-def stack_blocks(images, labels, n_blocks, block_size, n_out):
-    """Pad rows to n_blocks * block_size; return uint8 pixels (rows, 784), targets and mask.
+def stack_blocks(images, labels, n_blocks, block_size, n_out, dtype=np.float64):
+    """Pad rows to n_blocks * block_size; return uint8 pixels (rows, 784), and one-hot
+    targets and the row mask in ``dtype``.
 
     Padding rows are zero and masked out; ``rows = n_blocks * block_size``.
     """
     rows = n_blocks * block_size
     pixels = np.zeros((rows, images.shape[1]), images.dtype)
     pixels[:len(images)] = images
-    targets = np.zeros((rows, n_out))
+    targets = np.zeros((rows, n_out), dtype)
     targets[np.arange(len(labels)), labels] = 1
-    mask = np.zeros(rows)
+    mask = np.zeros(rows, dtype)
     mask[:len(images)] = 1
     return pixels, targets, mask
+
+
+def local_share(data, batch, cfg, comm):
+    """This rank's contiguous run of blocks of the global ``batch`` (training positions):
+    (pixels, targets, mask) as :func:`stack_blocks` gives them, and the batch's row
+    count padded to whole blocks."""
+    n_blocks = -(-len(batch) // cfg.block_size)
+    lo, hi = block_range(n_blocks, comm.size, comm.rank)
+    images, labels = data.get("train", batch[lo * cfg.block_size:hi * cfg.block_size])
+    return (*stack_blocks(images, labels, hi - lo, cfg.block_size, cfg.layers[-1], cfg.np_dtype),
+            n_blocks * cfg.block_size)
 
 
 def as_blocks(a, block_size):
@@ -66,7 +78,11 @@ class BatchColumns:
         self.local = np.zeros(width, np.uint8)
         self.union = np.zeros(width, np.uint8)
 
-    def __call__(self, pixels):
+    def __call__(self, data, batch, pixels):
+        """The columns for global ``batch``, of which this rank holds ``pixels``."""
+        columns = data.nonzero_columns(batch)
+        if columns is not None:
+            return columns
         np.any(pixels, axis=0, out=self.local.view(bool))
         self.comm.Allreduce(self.local, self.union, op=MPI.BOR)
         return np.flatnonzero(self.union)
@@ -90,7 +106,8 @@ def train_step(params, cfg, pixels, T, mask, columns, reducer, n_rows, total_row
     """One SGD step on this rank's rows (whole blocks), updating ``params`` in place;
     returns (params, global stat sums).
 
-    ``pixels`` are uint8 (rows, 784), ``columns`` the batch's non-zero pixel
+    ``pixels`` are uint8 (rows, 784), ``T`` and ``mask`` in the run's dtype
+    (:func:`local_share`), ``columns`` the batch's non-zero pixel
     columns (:class:`BatchColumns`); ``n_rows`` is the global batch size,
     ``total_rows`` the same padded to whole blocks. Forward and backward run
     block by block (the bits of a block do not depend on the rank count); the
@@ -101,7 +118,7 @@ def train_step(params, cfg, pixels, T, mask, columns, reducer, n_rows, total_row
     X = scaled_blocks(used, dtype, bs)
     (W0, b0), rest = params[0], params[1:]
     narrowed = [(W0[columns], b0), *rest]
-    Tb, maskb = as_blocks(T.astype(dtype), bs), as_blocks(mask[:, None].astype(dtype), bs)
+    Tb, maskb = as_blocks(T, bs), as_blocks(mask[:, None], bs)
     inputs, zs, y = model.forward_pass(narrowed, X, cfg.activation, cfg.loss)
     delta = losses.output_delta(cfg.loss, zs[-1], y, Tb) * maskb
     deltas = model.layer_deltas(narrowed, inputs, zs, delta, cfg.activation)

@@ -24,8 +24,7 @@ from distnn.data import Dataset
 from distnn.errors import Diverged, Stopped, UserError
 from distnn.exact import ExactGradients, ExactSum, NonFiniteError
 from distnn.progress import Progress
-from distnn.step import (N_EVAL_STATS, N_STATS, BatchColumns, block_range, evaluate,
-                         stack_blocks, train_step)
+from distnn.step import N_EVAL_STATS, N_STATS, BatchColumns, evaluate, local_share, train_step
 from distnn.stop import StopRequest
 
 PROG = startup.PROG
@@ -120,16 +119,12 @@ def run(cfg, comm=MPI.COMM_SELF, stop=None):
         while state.position < steps_per_epoch and not (cfg.max_steps and state.step >= cfg.max_steps):
             t0 = time.perf_counter()
             batch = order[state.position * cfg.batch_size:(state.position + 1) * cfg.batch_size]
-            n_blocks = -(-len(batch) // cfg.block_size)
-            lo, hi = block_range(n_blocks, size, rank)
-            images, labels = data.get("train", batch[lo * cfg.block_size:hi * cfg.block_size])
-            pixels, T, mask = stack_blocks(images, labels, hi - lo, cfg.block_size, cfg.layers[-1])
-            columns = data.nonzero_columns(batch)
-            columns = batch_columns(pixels) if columns is None else columns
+            pixels, T, mask, total_rows = local_share(data, batch, cfg, comm)
+            columns = batch_columns(data, batch, pixels)
             t1 = time.perf_counter()
             try:
                 new_params, stats = train_step(state.params, cfg, pixels, T, mask, columns, reducer,
-                                               len(batch), n_blocks * cfg.block_size)
+                                               len(batch), total_rows)
             except NonFiniteError:
                 raise Diverged(f"training diverged at epoch {state.epoch}, step {state.step + 1}: "
                                f"the loss or gradients became NaN or infinite; the last good "

@@ -20,6 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from distnn.errors import cli
+
 HOME = Path(__file__).resolve().parents[1]
 SBATCH = HOME / "launch" / "slurm" / "sweep.sbatch"
 COLUMNS = ("task", "lr", "batch_size", "test_acc", "val_acc", "train_loss", "epochs", "steps", "status")
@@ -132,12 +134,9 @@ def parse_args(argv):
 
 def main(argv=None):
     args, train_args = parse_args(argv)
-    try:
-        print(submit(args, train_args) if args.command == "submit" else collect(args.folder))
-    except SweepError as exc:
-        print(f"launch.sweep: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    action = (lambda: submit(args, train_args)) if args.command == "submit" else \
+        (lambda: collect(args.folder))
+    return cli("launch.sweep", action, SweepError)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT, run_env, run_result
+from conftest import ROOT, run_env
 from launch import sweep
 
 

@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -70,6 +69,23 @@ def wait_for(predicate, timeout, what):
     pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
+def submit_and_wait_for_checkpoint(mnist_h5, tmp_path, out):
+    """Submit train.sbatch on 2 tasks; return its job id once it wrote a checkpoint."""
+    submitted = subprocess.run(["sbatch", "--parsable", "-n", "2", "-o", str(tmp_path / "job.out"),
+                                str(TRAIN_SBATCH), "--data", str(mnist_h5), *ARGS],
+                               env=slurm_env(out), capture_output=True, text=True, cwd=tmp_path)
+    assert submitted.returncode == 0, submitted.stderr
+    wait_for(lambda: checkpoint.listing(out / "checkpoints"), 300, "the first checkpoint")
+    return submitted.stdout.strip()
+
+
+def wait_until_ended(job, timeout):
+    """(final state, restart count) of ``job`` once it has ended."""
+    ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+    return wait_for(lambda: (lambda s: s if s[0] in ended else None)(job_state(job)),
+                    timeout, "the job to end")
+
+
 def test_train_sbatch_matches_mpirun(mnist_h5, tmp_path):
     direct = launch_train(["--data", mnist_h5, "--out", tmp_path / "direct", *ARGS], ranks=2)
     assert direct.returncode == 0, direct.stderr
@@ -87,16 +103,9 @@ def test_signal_requeues_and_resumes_to_the_same_result(mnist_h5, tmp_path):
     reference = launch_train(["--data", mnist_h5, "--out", tmp_path / "ref", *ARGS])
     assert reference.returncode == 0, reference.stderr
     out = tmp_path / "slurm"
-    submitted = subprocess.run(["sbatch", "--parsable", "-n", "2", "-o", str(tmp_path / "job.out"),
-                                str(TRAIN_SBATCH), "--data", str(mnist_h5), *ARGS],
-                               env=slurm_env(out), capture_output=True, text=True, cwd=tmp_path)
-    assert submitted.returncode == 0, submitted.stderr
-    job = submitted.stdout.strip()
-    wait_for(lambda: checkpoint.listing(out / "checkpoints"), 300, "the first checkpoint")
+    job = submit_and_wait_for_checkpoint(mnist_h5, tmp_path, out)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
-    state, restarts = wait_for(
-        lambda: (lambda s: s if s[0] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") else None)(
-            job_state(job)), 600, "the job to finish")
+    state, restarts = wait_until_ended(job, 600)
     log = (tmp_path / "job.out").read_text()
     assert state == "COMPLETED" and restarts == 1, log
     assert "SIGUSR1 received: stopped after step" in log
@@ -106,16 +115,9 @@ def test_signal_requeues_and_resumes_to_the_same_result(mnist_h5, tmp_path):
 
 def test_plain_scancel_checkpoints_and_ends_without_requeue(mnist_h5, tmp_path):
     out = tmp_path / "slurm"
-    submitted = subprocess.run(["sbatch", "--parsable", "-n", "2", "-o", str(tmp_path / "job.out"),
-                                str(TRAIN_SBATCH), "--data", str(mnist_h5), *ARGS],
-                               env=slurm_env(out), capture_output=True, text=True, cwd=tmp_path)
-    assert submitted.returncode == 0, submitted.stderr
-    job = submitted.stdout.strip()
-    wait_for(lambda: checkpoint.listing(out / "checkpoints"), 300, "the first checkpoint")
+    job = submit_and_wait_for_checkpoint(mnist_h5, tmp_path, out)
     subprocess.run(["scancel", job], check=True)
-    state, restarts = wait_for(
-        lambda: (lambda s: s if s[0] in ("COMPLETED", "FAILED", "CANCELLED") else None)(
-            job_state(job)), 300, "the job to end")
+    state, restarts = wait_until_ended(job, 300)
     log = wait_for(lambda: (lambda t: t if "SIGTERM received" in t else None)(
         (tmp_path / "job.out").read_text()), 60, "the job's last words")
     assert state == "CANCELLED" and restarts == 0, log
