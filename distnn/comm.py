@@ -20,7 +20,11 @@ ABORT_GRACE_S = 0.3
 
 
 def agree(comm, fn, *args):
-    """Run ``fn(*args)`` on every rank; if any rank raises UserError, all raise it."""
+    """Run ``fn(*args)`` on every rank; if any rank raises UserError, all raise it.
+
+    The first failing rank's message wins; it names its rank unless that is rank 0
+    (which also runs the checks only rank 0 makes) or every rank said the same.
+    """
     try:
         result, message = fn(*args), None
     except UserError as exc:
@@ -28,7 +32,7 @@ def agree(comm, fn, *args):
     messages = comm.allgather(message)
     for rank, text in enumerate(messages):
         if text is not None:
-            prefix = "" if all(m == text for m in messages) else f"rank {rank}: "
+            prefix = "" if rank == 0 or all(m == text for m in messages) else f"rank {rank}: "
             raise UserError(prefix + text, agreed=True)
     return result
 
