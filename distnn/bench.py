@@ -12,13 +12,20 @@ float32) it measures, on real MNIST rows:
   oversubscribed: samples/s, per-step milliseconds in data loading, compute
   and reduction (agreeing on grids, rounding and the Allreduce calls), the
   bytes each rank contributes to the Allreduce calls per step, and the peak
-  resident memory per rank, with the data set in memory and with ``--stream``.
+  resident memory per rank, with the data set in memory and with ``--stream``;
+- the ceiling without communication: as many independent processes as there
+  are cores (up to the largest rank count measured), each training its share
+  of every batch alone, launched and timed the same way.
 
-Every figure is the median of ``--repeats`` repetitions after a warm-up. The
-table is printed and written as JSON and Markdown.
+Throughput comes from windows of ``--window`` steps: samples per window over
+the median window time of all repetitions (after a warm-up), so windows slowed
+by other work on a shared machine do not move it. The other figures are
+medians of the ``--repeats`` repetitions. The table is printed and written as
+JSON and Markdown.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -50,14 +57,20 @@ def parse_args(argv=None):
     p.add_argument("--block-size", type=int, default=32, help="rows per block (default 32)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="precision")
     p.add_argument("--ranks", default="1,2,4", help="rank counts to measure (default 1,2,4)")
-    p.add_argument("--steps", type=int, default=200,
-                   help="steps per repetition (default 200; short windows are noisy)")
+    p.add_argument("--steps", type=int, default=200, help="steps per repetition (default 200)")
+    p.add_argument("--window", type=int, default=20,
+                   help="steps per timed window; throughput uses the median window (default 20)")
     p.add_argument("--repeats", type=int, default=5, help="repetitions after a warm-up (default 5)")
     p.add_argument("--out", default="bench", help="writes OUT.json and OUT.md (default bench)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--stream", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--independent", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def window_of(args):
+    return max(1, min(args.window, args.steps))
 
 
 def config_of(args):
@@ -69,6 +82,12 @@ def median_of(fn, repeats):
     """Median of ``repeats`` calls of ``fn`` (seconds) after one warm-up call."""
     fn()
     return statistics.median(fn() for _ in range(repeats))
+
+
+def window_seconds(fn, repeats):
+    """All window times of ``repeats`` calls of ``fn`` (each returns a list) after a warm-up."""
+    fn()
+    return [w for _ in range(repeats) for w in fn()]
 
 
 def batch_rows(data, cfg, steps):
@@ -92,26 +111,31 @@ def gemm_rate(dtype, rows, fan_in, fan_out, repeats):
     return 2 * rows * fan_in * fan_out / median_of(once, repeats) / 1e9
 
 
-def plain_step_loop(cfg, data, rows):
-    """A timer for the plain numpy loop (one process, ordinary float reduction)."""
+def plain_step_loop(cfg, data, rows, window):
+    """A timer for the plain numpy loop (one process, ordinary float reduction); each
+    call returns the seconds of every ``window`` steps."""
     batches = [data.get("train", r) for r in rows]
 
     def once():
         params = model.init_params(cfg.layers, cfg.seed, cfg.activation, cfg.np_dtype)
-        start = time.perf_counter()
-        for images, labels in batches:
+        windows, start = [], time.perf_counter()
+        for i, (images, labels) in enumerate(batches):
             X = images.astype(cfg.np_dtype) / cfg.np_dtype(255)
             _, grads = model.loss_and_grads(params, X, labels, cfg.activation, cfg.loss)
             params = model.sgd_step(params, grads, cfg.lr)
-        return time.perf_counter() - start
+            if (i + 1) % window == 0:
+                windows.append(time.perf_counter() - start)
+                start = time.perf_counter()
+        return windows
     return once
 
 
-def exact_step_loop(cfg, data, rows, comm, phases):
+def exact_step_loop(cfg, data, rows, comm, phases, window):
     """A timer for exact training with the trainer's per-step code on ``comm``.
 
-    Each call appends its per-step milliseconds in data loading, compute and
-    reduction to ``phases``.
+    Each call returns the seconds of every ``window`` steps (as rank 0 sees them;
+    every step ends in an Allreduce, so the ranks keep pace) and appends its
+    per-step milliseconds in data loading, compute and reduction to ``phases``.
     """
     reducer = ExactGradients(cfg.layers, N_STATS, comm, dtype=cfg.np_dtype)
     columns = BatchColumns(cfg.layers[0], comm)
@@ -121,9 +145,10 @@ def exact_step_loop(cfg, data, rows, comm, phases):
     def once():
         params = model.init_params(cfg.layers, cfg.seed, cfg.activation, cfg.np_dtype)
         spent = dict(data=0.0, compute=0.0, reduction=0.0)
+        windows = []
         comm.Barrier()
         start = time.perf_counter()
-        for batch in rows:
+        for i, batch in enumerate(rows):
             t0 = time.perf_counter()
             pixels, T, mask, total_rows = local_share(data, batch, cfg, comm)
             t1 = time.perf_counter()
@@ -139,10 +164,12 @@ def exact_step_loop(cfg, data, rows, comm, phases):
             spent["compute"] += (t3 - t1) - reduction
             sent.append(reducer.sent_bytes + reducer.agree.local.nbytes
                         + (columns.local.nbytes if data.stream else 0))
+            if (i + 1) % window == 0:
+                windows.append(time.perf_counter() - start)
+                start = time.perf_counter()
         comm.Barrier()
-        elapsed = time.perf_counter() - start
         phases.append({k: 1e3 * v / len(rows) for k, v in spent.items()})
-        return elapsed
+        return windows
     return once, sent
 
 
@@ -153,19 +180,26 @@ def worker(args):
     cfg = config_of(args)
     data = Dataset(cfg.data, val_size=0, stream=args.stream)
     rows = batch_rows(data, cfg, args.steps)
+    train_comm = comm
+    if args.independent:  # each rank trains its share of every batch alone
+        share = cfg.batch_size // comm.size
+        rows = [r[comm.rank * share:(comm.rank + 1) * share] for r in rows]
+        cfg, train_comm = dataclasses.replace(cfg, batch_size=share), MPI.COMM_SELF
     phases = []
-    once, sent = exact_step_loop(cfg, data, rows, comm, phases)
-    seconds = median_of(once, args.repeats)
+    once, sent = exact_step_loop(cfg, data, rows, train_comm, phases, window_of(args))
+    windows = window_seconds(once, args.repeats)
+    windows = np.max(comm.allgather(windows), axis=0).tolist()  # each window: the slowest rank
     peak_mb = max(comm.allgather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
     if comm.rank == 0:
-        result = {"ranks": comm.size, "stream": args.stream,
-                  "samples_per_s": len(rows) * cfg.batch_size / seconds,
+        result = {"ranks": comm.size, "stream": args.stream, "independent": args.independent,
+                  "window_s": windows,
                   **{f"{k}_ms": statistics.median(t[k] for t in phases[1:]) for k in phases[0]},
-                  "allreduce_bytes_per_step": int(statistics.median(sent)), "peak_rss_mb": peak_mb}
+                  "allreduce_bytes_per_step": 0 if args.independent else int(statistics.median(sent)),
+                  "peak_rss_mb": peak_mb}
         Path(args.result).write_text(json.dumps(result))
 
 
-def run_worker(args, ranks, repeats, stream=False):
+def run_worker(args, ranks, repeats, stream=False, independent=False):
     """Launch this module under ``mpirun -n ranks``; return its result dict."""
     mpirun = Path(sys.executable).parent / "mpirun"
     with tempfile.TemporaryDirectory() as tmp:
@@ -174,24 +208,35 @@ def run_worker(args, ranks, repeats, stream=False):
                    "-m", "distnn.bench", "--worker", "--result", str(out), "--data", args.data,
                    "--layers", args.layers, "--batch-size", str(args.batch_size),
                    "--block-size", str(args.block_size), "--dtype", args.dtype,
-                   "--steps", str(args.steps), "--repeats", str(repeats)]
-        done = subprocess.run(command + (["--stream"] if stream else []),
+                   "--steps", str(args.steps), "--window", str(args.window),
+                   "--repeats", str(repeats)]
+        done = subprocess.run(command + (["--stream"] if stream else [])
+                              + (["--independent"] if independent else []),
                               capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(f"distnn.bench: error: the {ranks}-rank run failed:\n{done.stderr}")
         return json.loads(out.read_text())
 
 
-def scaling(args, ranks):
-    """Per rank count, the medians over ``repeats`` rounds; the counts alternate each round,
-    so they all see the same machine load."""
-    rounds = [[run_worker(args, p, 1) for p in ranks] for _ in range(args.repeats)]
-    runs = []
-    for i, p in enumerate(ranks):
-        results = [r[i] for r in rounds]
-        runs.append({**results[0], **{k: statistics.median(r[k] for r in results)
-                                      for k in results[0] if k.endswith(("_s", "_ms", "_mb"))}})
-    return runs
+def summarize(args, results):
+    """One run's figures from the results of several launches: samples/s from the
+    median window of all of them, the other figures as medians."""
+    windows = [w for r in results for w in r.pop("window_s")]
+    return {**results[0], "samples_per_s": window_of(args) * args.batch_size
+            / statistics.median(windows),
+            **{k: statistics.median(r[k] for r in results)
+               for k in results[0] if k.endswith(("_ms", "_mb"))}}
+
+
+def scaling(args, ranks, cores):
+    """Per rank count, the figures of ``repeats`` rounds, then the ceiling without
+    communication; they alternate each round, so they all see the same machine load."""
+    runs = [(p, False) for p in ranks]
+    ceiling = max((p for p in ranks if 1 < p <= cores), default=None)
+    runs += [(ceiling, True)] if ceiling else []
+    rounds = [[run_worker(args, p, 1, independent=i) for p, i in runs]
+              for _ in range(args.repeats)]
+    return [summarize(args, [r[k] for r in rounds]) for k in range(len(runs))]
 
 
 def machine():
@@ -210,7 +255,8 @@ def markdown(report):
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores; Python {m['python']}, numpy {m['numpy']}, "
              f"{m['blas']}; {m['mpi']}. One BLAS thread per process.",
              f"Network {cfg['layers']}, batch {cfg['batch_size']}, block {cfg['block_size']}, "
-             f"{cfg['dtype']}; medians of {cfg['repeats']} repetitions of {cfg['steps']} steps.",
+             f"{cfg['dtype']}; {cfg['repeats']} repetitions of {cfg['steps']} steps after a "
+             f"warm-up; samples/s from the median {report['window']}-step window.",
              "",
              f"- GEMM {cfg['batch_size']} x {fan_in} x {fan_out}: float32 "
              f"{report['gemm_gflops']['float32']:.1f} GFLOP/s, float64 "
@@ -225,7 +271,8 @@ def markdown(report):
     base = next((r["samples_per_s"] for r in report["runs"] if r["ranks"] == 1 and not r["stream"]),
                 float("nan"))  # "vs 1 rank" needs a 1-rank run
     for r in report["runs"]:
-        over = " (oversubscribed)" if r["ranks"] > m["cores"] else ""
+        over = (" (oversubscribed)" if r["ranks"] > m["cores"] else
+                ", no communication" if r.get("independent") else "")
         bound = report["bound_samples_per_s"] * min(r["ranks"], m["cores"])
         lines.append(
             f"| {r['ranks']}{over} | {'stream' if r['stream'] else 'memory'} | "
@@ -248,21 +295,24 @@ def main(argv=None):
     flops_per_sample = 2 * weights + 2 * weights + 2 * (weights - layers[0] * layers[1])
     rates = {dt: gemm_rate(dt, cfg.batch_size, layers[0], layers[1], args.repeats)
              for dt in ("float32", "float64")}
-    plain, (exact, _) = plain_step_loop(cfg, data, rows), exact_step_loop(cfg, data, rows,
-                                                                          MPI.COMM_SELF, [])
+    window = window_of(args)
+    plain = plain_step_loop(cfg, data, rows, window)
+    exact, _ = exact_step_loop(cfg, data, rows, MPI.COMM_SELF, [], window)
     plain(), exact()  # warm-up
-    pairs = [(plain(), exact()) for _ in range(args.repeats)]
-    plain_s = statistics.median(p for p, _ in pairs)
-    exact_s = statistics.median(e for _, e in pairs)
-    samples = len(rows) * cfg.batch_size
+    pairs = [(plain(), exact()) for _ in range(args.repeats)]  # alternating
+    plain_s = statistics.median(w for p, _ in pairs for w in p)
+    exact_s = statistics.median(w for _, e in pairs for w in e)
+    samples = window * cfg.batch_size
     report = {"config": {k: getattr(args, k) for k in ("layers", "batch_size", "block_size",
                                                         "dtype", "steps", "repeats")},
+              "window": window_of(args),
               "machine": machine(), "gemm_gflops": rates,
               "bound_samples_per_s": rates[cfg.dtype] * 1e9 / flops_per_sample,
               "plain_samples_per_s": samples / plain_s, "exact_samples_per_s": samples / exact_s,
-              "exact_vs_plain": statistics.median(p / e for p, e in pairs),
-              "runs": scaling(args, [int(r) for r in args.ranks.split(",")])}
-    report["runs"].append(run_worker(args, 1, args.repeats, stream=True))
+              "exact_vs_plain": plain_s / exact_s,
+              "runs": scaling(args, [int(r) for r in args.ranks.split(",")],
+                              len(os.sched_getaffinity(0)))}
+    report["runs"].append(summarize(args, [run_worker(args, 1, args.repeats, stream=True)]))
     table = markdown(report)
     Path(f"{args.out}.json").write_text(json.dumps(report, indent=2) + "\n")
     Path(f"{args.out}.md").write_text(table)

@@ -65,27 +65,30 @@ def on_grid(x, shift):
 
 
 class _Agreement:
-    """One Allreduce(MAX) over a vector of exponents plus a non-finite flag."""
+    """One Allreduce(MAX) over a vector of exponents, a non-finite flag and a carried
+    integer (the caller's: the trainer agrees its stop signal here at no extra cost)."""
 
     def __init__(self, n, comm):
         self.comm = comm
-        self.local = np.zeros(n + 1, dtype=np.int64)
-        self.agreed = np.zeros(n + 1, dtype=np.int64)
+        self.local = np.zeros(n + 2, dtype=np.int64)
+        self.agreed = np.zeros(n + 2, dtype=np.int64)
         self.seconds = 0.0  # time in the last Allreduce
+        self.carried = 0    # the largest ``carry`` of any rank in the last call
 
-    def __call__(self, arrays):
-        self.local[-1] = 0
+    def __call__(self, arrays, carry=0):
+        self.local[-2:] = 0, carry
         for k, x in enumerate(arrays):
             try:
                 self.local[k] = exponent(x)
             except NonFiniteError:
-                self.local[k], self.local[-1] = EMPTY, 1
+                self.local[k], self.local[-2] = EMPTY, 1
         start = time.perf_counter()
         self.comm.Allreduce(self.local, self.agreed, op=MPI.MAX)
         self.seconds = time.perf_counter() - start
-        if self.agreed[-1]:
+        self.carried = int(self.agreed[-1])
+        if self.agreed[-2]:
             raise NonFiniteError("a NaN or infinity appeared in the loss or gradients")
-        exps = self.agreed[:-1].copy()
+        exps = self.agreed[:-2].copy()
         exps[exps == EMPTY] = 0
         return [int(e) for e in exps]
 
@@ -151,7 +154,12 @@ class ExactGradients:
         """Buffer slice of small part k: b0, then W1, b1, W2, b2, ..., then the statistics."""
         return self.buffer[self.offsets[k]:self.offsets[k + 1]]
 
-    def __call__(self, inputs, deltas, stats, total_rows, divide_by=1, first_rows=None):
+    @property
+    def carried(self):
+        """The largest ``carry`` any rank passed to the last call."""
+        return self.agree.carried
+
+    def __call__(self, inputs, deltas, stats, total_rows, divide_by=1, first_rows=None, carry=0):
         """Sum over all rows of all ranks, divided by ``divide_by`` (the batch size for means).
 
         ``inputs[l]`` (rows, fan_in) is layer l's input (``inputs[0]`` the integer
@@ -159,10 +167,10 @@ class ExactGradients:
         fan_out) its dLoss/dz, ``stats`` (rows, n). Returns ([(sum a^T d, sum d)
         per layer] in ``dtype``, stat sums in float64); the statistics are not divided. The
         first weight gradient has one row per ``first_rows`` entry (all rows if
-        None).
+        None). ``carry`` (an integer) is agreed along with the grids: :attr:`carried`.
         """
         t0 = time.perf_counter()
-        exps = self.agree(list(inputs[1:]) + list(deltas) + [stats])
+        exps = self.agree(list(inputs[1:]) + list(deltas) + [stats], carry)
         t1 = time.perf_counter()
         n_layers = len(self.shapes)
         in_exps, d_exps, stat_exp = [None] + exps[:n_layers - 1], exps[n_layers - 1:-1], exps[-1]

@@ -102,7 +102,7 @@ def eval_stats(y, T, mask):
     return np.stack(model.metric_sums(y, T), axis=-1) * mask[..., None]
 
 
-def train_step(params, cfg, pixels, T, mask, columns, reducer, n_rows, total_rows):
+def train_step(params, cfg, pixels, T, mask, columns, reducer, n_rows, total_rows, carry=0):
     """One SGD step on this rank's rows (whole blocks), updating ``params`` in place;
     returns (params, global stat sums).
 
@@ -111,7 +111,8 @@ def train_step(params, cfg, pixels, T, mask, columns, reducer, n_rows, total_row
     columns (:class:`BatchColumns`); ``n_rows`` is the global batch size,
     ``total_rows`` the same padded to whole blocks. Forward and backward run
     block by block (the bits of a block do not depend on the rank count); the
-    gradients are summed exactly by ``reducer``.
+    gradients are summed exactly by ``reducer``, which also agrees ``carry``
+    across ranks (``reducer.carried``).
     """
     dtype, bs = cfg.np_dtype, cfg.block_size
     used = pixels[:, columns]
@@ -127,7 +128,7 @@ def train_step(params, cfg, pixels, T, mask, columns, reducer, n_rows, total_row
     flat_deltas = [d.reshape(rows, d.shape[-1]) for d in deltas]
     stats = train_stats(cfg, zs[-1], y, Tb, maskb[..., 0]).reshape(rows, N_STATS)
     steps, stat_sums = reducer(flat_inputs, flat_deltas, stats, total_rows,
-                               divide_by=n_rows / cfg.lr, first_rows=columns)
+                               divide_by=n_rows / cfg.lr, first_rows=columns, carry=carry)
     return sgd_update(params, steps, columns), stat_sums
 
 

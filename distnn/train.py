@@ -124,7 +124,7 @@ def run(cfg, comm=MPI.COMM_SELF, stop=None):
             t1 = time.perf_counter()
             try:
                 new_params, stats = train_step(state.params, cfg, pixels, T, mask, columns, reducer,
-                                               len(batch), total_rows)
+                                               len(batch), total_rows, stop.signum if stop else 0)
             except NonFiniteError:
                 raise Diverged(f"training diverged at epoch {state.epoch}, step {state.step + 1}: "
                                f"the loss or gradients became NaN or infinite; the last good "
@@ -136,7 +136,7 @@ def run(cfg, comm=MPI.COMM_SELF, stop=None):
             state.params, state.totals = new_params, state.totals + stats
             state.seen, state.step, state.position = state.seen + len(batch), state.step + 1, state.position + 1
             progress.update(state.step, state.epoch, stats[0] / len(batch), len(batch))
-            signum = stop.requested() if stop else 0
+            signum = reducer.carried  # the stop signal of any rank, agreed in the step
             if signum:
                 path = comm.bcast(save_checkpoint(), root=0)
                 raise Stopped(f"{signal.Signals(signum).name} received: stopped after step "
@@ -224,7 +224,7 @@ def main(argv=None):
     threadpool_limits(limits=1, user_api="blas")
     np.seterr(all="ignore")  # NaN and infinity are detected and reported as divergence
     comm = MPI.COMM_WORLD
-    stop = StopRequest(comm).install()
+    stop = StopRequest().install()
 
     def go():
         cfg = parse(argv, comm)
