@@ -20,6 +20,7 @@ class Config:
     layers: tuple = (784, 256, 10)
     activation: str = "sigmoid"
     loss: str = "ce"
+    positive_digit: int | None = None  # a digit 0-9: train it against the rest (one output unit)
     batch_size: int = 64
     block_size: int = 8
     lr: float = 1.0
@@ -48,14 +49,14 @@ class Config:
 
     def describe(self):
         """The resolved configuration, one ``name = value`` per line."""
-        return "\n".join(f"  {k:<12} = {v}" for k, v in dataclasses.asdict(self).items())
+        return "\n".join(f"  {k:<16} = {v}" for k, v in dataclasses.asdict(self).items())
 
 
 # Settings that change a run's numbers; a resumed run must match them. (The data
 # file is compared by content, not path; epochs, max-steps, stream and the
 # checkpoint settings may change between an interrupted run and its resumption.)
-RESULT_FIELDS = ("layers", "activation", "loss", "dtype", "batch_size", "block_size", "lr",
-                 "seed", "val_size", "train_limit", "shuffle")
+RESULT_FIELDS = ("layers", "activation", "loss", "positive_digit", "dtype", "batch_size",
+                 "block_size", "lr", "seed", "val_size", "train_limit", "shuffle")
 
 
 def differences(saved, current, fields=RESULT_FIELDS):
@@ -104,6 +105,10 @@ def build_parser():
     p.add_argument("--loss", default=d.loss, choices=list(losses.LOSSES),
                    help="output/loss pair: ce = softmax + cross-entropy, mse = sigmoid + "
                         "quadratic, bce = sigmoid + binary cross-entropy (default ce)")
+    p.add_argument("--positive-digit", type=int, metavar="D",
+                   help="train one digit against the rest: target 1 for digit D (0-9), 0 for "
+                        "every other digit, one sigmoid output (--layers 784,1 or 784,64,1) "
+                        "with --loss bce (or mse)")
     p.add_argument("--batch-size", type=int, default=d.batch_size,
                    help=f"global mini-batch size, split across all ranks (default {d.batch_size})")
     p.add_argument("--block-size", type=int, default=d.block_size,
@@ -172,8 +177,30 @@ def check(config):
             raise UserError(f"{flag} must be 0 or more, got {value}")
     if config.layers[0] != 784:
         raise UserError(f"--layers: the input width must be 784 (28x28 pixels), got {config.layers[0]}")
-    if config.layers[-1] != 10:
-        raise UserError(f"--layers: MNIST has 10 classes, so the output width must be 10, "
-                        f"got {config.layers[-1]}")
+    check_task(config)
     if Path(config.data).is_dir():
         raise UserError(f"--data {config.data}: is a directory, expected an HDF5 file")
+
+
+def check_task(config):
+    """Ten digits (softmax or sigmoid outputs), or one digit against the rest (one output)."""
+    digit, width = config.positive_digit, config.layers[-1]
+    if digit is not None and not 0 <= digit <= 9:
+        raise UserError(f"--positive-digit must be a digit 0-9, got {digit}")
+    if config.loss == "bce" and width != 1:
+        raise UserError(f"--loss bce trains one digit against the rest with one output unit, so "
+                        f"the output width must be 1 (e.g. --layers 784,1 or 784,64,1), got {width}")
+    if digit is None:
+        if config.loss == "bce":
+            raise UserError("--loss bce trains one digit against the rest: name it with "
+                            "--positive-digit D (0-9)")
+        if width != 10:
+            raise UserError(f"--layers: MNIST has 10 classes, so the output width must be 10 "
+                            f"(or 1 with --positive-digit D), got {width}")
+        return
+    if config.loss == "ce":
+        raise UserError(f"--positive-digit {digit} needs a sigmoid output: use --loss bce (or mse); "
+                        "softmax over one output is always 1")
+    if width != 1:
+        raise UserError(f"--positive-digit {digit} trains one output unit, so the output width "
+                        f"must be 1 (e.g. --layers 784,1 or 784,64,1), got {width}")

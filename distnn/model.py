@@ -142,14 +142,19 @@ def metric_sums(y, t):
     """
     y = y.astype(np.float64)
     t = t.astype(np.float64)
-    if y.shape[-1] == 1:
-        correct = (y[..., 0] >= 0.5) == (t[..., 0] >= 0.5)
-    else:
-        correct = y.argmax(axis=-1) == t.argmax(axis=-1)
+    correct = is_correct(y, t)
     quadratic = 0.5 * ((t - y) ** 2).sum(axis=-1)
     yc = np.clip(y, CLIP, 1 - CLIP)
     cross = -(t * np.log(yc) + (1 - t) * np.log(1 - yc)).sum(axis=-1)
     return correct.astype(np.float64), quadratic, cross
+
+
+def is_correct(y, t):
+    """Per sample: does the output pick the target? argmax over the outputs, or for a
+    single output, the same side of 0.5."""
+    if y.shape[-1] == 1:
+        return (y[..., 0] >= 0.5) == (t[..., 0] >= 0.5)
+    return y.argmax(axis=-1) == t.argmax(axis=-1)
 
 
 def metrics(params, X, targets, activation="sigmoid", loss="ce"):

@@ -46,13 +46,16 @@ def write_json(path, obj):
     atomic_write(path, write)
 
 
-def save_model(path, params, layers, activation, loss):
-    """``/layers/{i}/W`` and ``/layers/{i}/b``; attributes layers, activation, loss, dtype."""
+def save_model(path, params, layers, activation, loss, positive_digit=None):
+    """``/layers/{i}/W`` and ``/layers/{i}/b``; attributes layers, activation, loss, dtype,
+    and positive_digit for a one-against-the-rest model."""
     def write(tmp):
         with h5py.File(tmp, "w") as f:
             f.attrs["layers"] = np.asarray(layers, dtype=np.int64)
             f.attrs["activation"] = activation
             f.attrs["loss"] = loss
+            if positive_digit is not None:
+                f.attrs["positive_digit"] = int(positive_digit)
             f.attrs["dtype"] = str(params[0][0].dtype)
             for i, (W, b) in enumerate(params):
                 f[f"layers/{i}/W"] = W
@@ -66,7 +69,9 @@ def load_model(path, dtype=None):
         with h5py.File(path, "r") as f:
             attrs = {"layers": tuple(int(n) for n in f.attrs["layers"]),
                      "activation": str(f.attrs["activation"]), "loss": str(f.attrs["loss"]),
-                     "dtype": str(f.attrs["dtype"])}
+                     "dtype": str(f.attrs["dtype"]),
+                     "positive_digit": int(f.attrs["positive_digit"])
+                     if "positive_digit" in f.attrs else None}
             params = []
             for i in range(len(attrs["layers"]) - 1):
                 W = f[f"layers/{i}/W"][...]

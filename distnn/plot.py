@@ -1,10 +1,11 @@
 """``python -m distnn.plot RUN_DIR [RUN_DIR ...]``: learning curves as a PNG.
 
 Three panels, as in the source report's figures 2.1-2.3: accuracy, quadratic
-cost and cross-entropy per epoch, for the validation and test sets, plus the
-training accuracy (running over each epoch). Several runs share one figure, one colour each,
-labelled by the settings that differ between them: the comparison figure of
-a learning-rate or batch-size sweep. Needs ``pip install 'distnn[plot]'``.
+cost and cross-entropy per epoch (epoch 0: the initial parameters), for the
+validation and test sets, plus the training accuracy (running over each
+epoch). Several runs share one figure, one colour each, labelled by the
+settings that differ between them: the comparison figure of a learning-rate or
+batch-size sweep. Needs ``pip install 'distnn[plot]'``.
 """
 
 import argparse
@@ -18,7 +19,8 @@ PANELS = (("acc", "accuracy"), ("quadratic_cost", "quadratic cost"),
           ("cross_entropy", "cross-entropy cost"))
 SPLITS = (("train", "-"), ("val", "--"), ("test", ":"))
 FIGSIZE, DPI = (15, 4.5), 100  # 1500 x 450 pixels
-LABEL_KEYS = ("lr", "batch_size", "layers", "activation", "loss", "dtype", "seed", "block_size")
+LABEL_KEYS = ("lr", "batch_size", "layers", "activation", "loss", "positive_digit", "dtype",
+              "seed", "block_size")
 
 
 class PlotError(Exception):

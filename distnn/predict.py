@@ -8,7 +8,9 @@
 Predictions go to a gzip'd CSV (default: predictions.csv.gz beside the model),
 one predicted label per line in input order (like the source report's
 PredictDigitY.csv.gz); with --probabilities each line is the label followed by
-the ten output values. For the test set the accuracy is printed; it equals the
+the ten output values. A model trained on one digit against the rest
+(``--positive-digit D``) predicts 1 (digit D) or 0 (another digit), and its one
+output value is the probability of D. For the test set the accuracy is printed; it equals the
 run's reported test accuracy, since the outputs are computed over the same
 blocks of rows as the trainer's evaluation. Images must be 28x28 (PNG or PGM);
 a light background is inverted to MNIST's white-on-black unless --no-invert.
@@ -29,7 +31,7 @@ from distnn.config import DEFAULT_DATA
 from distnn.data import Dataset
 from distnn.errors import UserError, cli
 from distnn.plot import PlotError, need_matplotlib
-from distnn.step import predict
+from distnn.step import predict, task_labels
 
 PIXELS, SIDE = 784, 28
 
@@ -102,18 +104,18 @@ def load_inputs(args, layers):
     return images, labels, None
 
 
-def write_predictions(path, probs, with_probabilities):
-    labels = probs.argmax(axis=1)
-    lines = [str(l) if not with_probabilities else
-             ",".join([str(l)] + [f"{p:.6g}" for p in row]) for l, row in zip(labels, probs)]
+def write_predictions(path, guesses, values, with_probabilities):
+    lines = [str(g) if not with_probabilities else
+             ",".join([str(g)] + [f"{v:.6g}" for v in row]) for g, row in zip(guesses, values)]
     def write(tmp):
         with gzip.open(tmp, "wt") as f:
             f.write("\n".join(lines) + "\n")
     outputs.atomic_write(path, write)
 
 
-def show_digits(path, images, labels, probs, count, seed):
-    """A grid of digits, each beside a bar chart of its outputs, marked CORRECT/INCORRECT."""
+def show_digits(path, images, labels, probs, guesses, names, count, seed):
+    """A grid of digits, each beside a bar chart of its class probabilities (``names``),
+    marked CORRECT/INCORRECT."""
     plt = need_matplotlib()
     pick = np.sort(np.random.default_rng(seed).choice(len(images), min(count, len(images)), replace=False))
     cols = min(4, len(pick))
@@ -122,28 +124,29 @@ def show_digits(path, images, labels, probs, count, seed):
     grid = fig.add_gridspec(rows, 2 * cols, width_ratios=[1, 1.4] * cols)
     for k, i in enumerate(pick):
         r, c = divmod(k, cols)
-        guess = int(probs[i].argmax())
+        guess = int(guesses[i])
         ok = labels is None or guess == labels[i]
         image_ax, bar_ax = fig.add_subplot(grid[r, 2 * c]), fig.add_subplot(grid[r, 2 * c + 1])
         image_ax.imshow(images[i].reshape(SIDE, SIDE), cmap="Greys_r")
         image_ax.set_xticks([])
         image_ax.set_yticks([])
-        truth = "" if labels is None else f"label {labels[i]}  "
+        truth = "" if labels is None else f"label {names[labels[i]]}  "
         image_ax.set_title(f"{truth}{'CORRECT' if ok else 'INCORRECT'}" if labels is not None
                            else f"#{i}", color="g" if ok else "r", fontsize=9, fontweight="bold")
         bar_ax.bar(range(probs.shape[1]), probs[i], color=["g" if ok else "r" if j == guess else "C0"
                                                             for j in range(probs.shape[1])])
-        bar_ax.set_xticks(range(probs.shape[1]))
+        bar_ax.set_xticks(range(probs.shape[1]), names)
         bar_ax.tick_params(labelsize=7)
         bar_ax.set_ylim(0, 1)
-        bar_ax.set_title(f"guess {guess}", fontsize=9)
+        bar_ax.set_title(f"guess {names[guess]}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def show_confusion(path, labels, guesses, classes):
+def show_confusion(path, labels, guesses, names):
     plt = need_matplotlib()
+    classes = len(names)
     matrix = np.zeros((classes, classes), np.int64)
     np.add.at(matrix, (labels, guesses), 1)
     fig, ax = plt.subplots(figsize=(6, 5.5), dpi=100)
@@ -151,8 +154,8 @@ def show_confusion(path, labels, guesses, classes):
     for (r, c), n in np.ndenumerate(matrix):
         ax.text(c, r, str(n), ha="center", va="center", fontsize=7,
                 color="white" if n > matrix.max() / 2 else "black")
-    ax.set_xticks(range(classes))
-    ax.set_yticks(range(classes))
+    ax.set_xticks(range(classes), names)
+    ax.set_yticks(range(classes), names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true label")
     ax.set_title(f"confusion matrix ({(guesses == labels).mean():.2%} correct)")
@@ -171,25 +174,33 @@ def run(args):
     if layers[0] != PIXELS:
         raise UserError(f"{model_path}: the model takes {layers[0]} inputs, but the images have "
                         f"{PIXELS} pixels (28x28)")
-    images, labels, names = load_inputs(args, layers)
-    probs = predict(params, images, attrs["activation"], attrs["loss"], np.dtype(attrs["dtype"]).type)
-    guesses = probs.argmax(axis=1)
-    if labels is not None and labels.max() >= layers[-1]:
-        raise UserError(f"{model_path}: the model has {layers[-1]} outputs, but the data has "
-                        f"labels up to {labels.max()}")
+    images, labels, files = load_inputs(args, layers)
+    values = predict(params, images, attrs["activation"], attrs["loss"], np.dtype(attrs["dtype"]).type)
+    digit = attrs["positive_digit"]
+    if digit is None:
+        if labels is not None and labels.max() >= layers[-1]:
+            raise UserError(f"{model_path}: the model has {layers[-1]} outputs, but the data has "
+                            f"labels up to {labels.max()}")
+        probs, guesses, names = values, values.argmax(axis=1), [str(k) for k in range(layers[-1])]
+    else:  # one digit against the rest: classes "not D" (0) and "D" (1)
+        probs = np.column_stack([1 - values[:, 0], values[:, 0]])
+        guesses, names = (values[:, 0] >= 0.5).astype(np.int64), [f"not {digit}", str(digit)]
+        labels = None if labels is None else task_labels(labels, digit)
     out = Path(args.out) if args.out else model_path.parent / "predictions.csv.gz"
-    write_predictions(out, probs, args.probabilities)
+    write_predictions(out, guesses, values, args.probabilities)
     lines = [f"wrote {len(guesses)} predictions to {out}"]
-    if names:
-        lines += [f"{name}: {g} ({probs[i, g]:.3f})" for i, (name, g) in enumerate(zip(names, guesses))]
+    if files:
+        lines += [f"{name}: {names[g]} ({probs[i, g]:.3f})"
+                  for i, (name, g) in enumerate(zip(files, guesses))]
     if labels is not None:
         lines.append(f"accuracy {np.mean(guesses == labels):.4f} on {len(labels)} test images")
     if args.show:
         folder = out.parent
-        show_digits(folder / "digits.png", images, labels, probs, args.show, args.seed)
+        show_digits(folder / "digits.png", images, labels, probs, guesses, names, args.show,
+                    args.seed)
         lines.append(f"wrote {folder / 'digits.png'}")
         if labels is not None:
-            show_confusion(folder / "confusion.png", labels, guesses, layers[-1])
+            show_confusion(folder / "confusion.png", labels, guesses, names)
             lines.append(f"wrote {folder / 'confusion.png'}")
     return "\n".join(lines)
 

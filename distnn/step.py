@@ -25,9 +25,15 @@ def block_range(n_blocks, size, rank):
     return lo, lo + base + (rank < extra)
 
 
+def task_labels(labels, positive_digit):
+    """The labels of the task trained: the digits, or 1 for ``positive_digit`` and 0 for
+    every other digit (one digit against the rest)."""
+    return labels if positive_digit is None else (labels == positive_digit).astype(np.int64)
+
+
 def stack_blocks(images, labels, n_blocks, block_size, n_out, dtype=np.float64):
-    """Pad rows to n_blocks * block_size; return uint8 pixels (rows, 784), and one-hot
-    targets and the row mask in ``dtype``.
+    """Pad rows to n_blocks * block_size; return uint8 pixels (rows, 784), and targets
+    (one-hot, or the 0/1 label itself for a single output) and the row mask in ``dtype``.
 
     Padding rows are zero and masked out; ``rows = n_blocks * block_size``.
     """
@@ -35,7 +41,10 @@ def stack_blocks(images, labels, n_blocks, block_size, n_out, dtype=np.float64):
     pixels = np.zeros((rows, images.shape[1]), images.dtype)
     pixels[:len(images)] = images
     targets = np.zeros((rows, n_out), dtype)
-    targets[np.arange(len(labels)), labels] = 1
+    if n_out == 1:
+        targets[:len(labels), 0] = labels
+    else:
+        targets[np.arange(len(labels)), labels] = 1
     mask = np.zeros(rows, dtype)
     mask[:len(images)] = 1
     return pixels, targets, mask
@@ -48,7 +57,8 @@ def local_share(data, batch, cfg, comm):
     n_blocks = -(-len(batch) // cfg.block_size)
     lo, hi = block_range(n_blocks, comm.size, comm.rank)
     images, labels = data.get("train", batch[lo * cfg.block_size:hi * cfg.block_size])
-    return (*stack_blocks(images, labels, hi - lo, cfg.block_size, cfg.layers[-1], cfg.np_dtype),
+    return (*stack_blocks(images, task_labels(labels, cfg.positive_digit), hi - lo,
+                          cfg.block_size, cfg.layers[-1], cfg.np_dtype),
             n_blocks * cfg.block_size)
 
 
@@ -92,7 +102,7 @@ def train_stats(cfg, z, y, T, mask):
     """Per-row loss and correct (0/1) of a training step, zero on padding; (rows, 2)."""
     stats = np.empty((*mask.shape, N_STATS))
     stats[..., 0] = losses.per_sample_loss(cfg.loss, z, y, T)
-    stats[..., 1] = y.argmax(axis=-1) == T.argmax(axis=-1)
+    stats[..., 1] = model.is_correct(y, T)
     stats *= mask[..., None]
     return stats
 
@@ -164,7 +174,8 @@ def evaluate(params, cfg, data, split, comm, reducer):
     n_blocks = -(-n // EVAL_BLOCK)
     lo, hi = block_range(n_blocks, comm.size, comm.rank)
     images, labels = data.get(split, np.arange(lo * EVAL_BLOCK, min(hi * EVAL_BLOCK, n)))
-    pixels, T, mask = stack_blocks(images, labels, hi - lo, EVAL_BLOCK, cfg.layers[-1])
+    pixels, T, mask = stack_blocks(images, task_labels(labels, cfg.positive_digit), hi - lo,
+                                   EVAL_BLOCK, cfg.layers[-1])
     X = scaled_blocks(pixels, cfg.np_dtype, EVAL_BLOCK)
     _, zs, y = model.forward_pass(params, X, cfg.activation, cfg.loss)
     stats = eval_stats(y, as_blocks(T, EVAL_BLOCK), as_blocks(mask[:, None], EVAL_BLOCK)[..., 0])

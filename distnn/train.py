@@ -37,10 +37,22 @@ def epoch_record(state, params, cfg, data, comm, eval_reducer, timers, seconds, 
     samples when it resumed from a checkpoint inside the epoch).
     """
     seen, totals = state.seen, state.totals
-    record = {"epoch": state.epoch, "step": state.step, "train_loss": totals[0] / seen,
-              "train_acc": totals[1] / seen,
-              "samples_per_s": trained / seconds if seconds else None,
-              **{f"{k}_s": round(v, 4) for k, v in timers.items()}}
+    return {"epoch": state.epoch, "step": state.step, "train_loss": totals[0] / seen,
+            "train_acc": totals[1] / seen,
+            "samples_per_s": trained / seconds if seconds else None,
+            **{f"{k}_s": round(v, 4) for k, v in timers.items()},
+            **evaluation(state, params, cfg, data, comm, eval_reducer)}
+
+
+def initial_record(state, cfg, data, comm, eval_reducer):
+    """Epoch 0: the metrics of the parameters before any step (the baseline)."""
+    return {"epoch": 0, "step": 0, "elapsed_s": 0.0,
+            **evaluation(state, state.params, cfg, data, comm, eval_reducer)}
+
+
+def evaluation(state, params, cfg, data, comm, eval_reducer):
+    """Accuracy, quadratic cost and cross-entropy on the validation and test splits."""
+    record = {}
     for split in ("val", "test"):
         try:
             scores = evaluate(params, cfg, data, split, comm, eval_reducer) or {}
@@ -62,8 +74,10 @@ def check_finite(state):
 
 def log_line(record, cfg):
     evals = "".join(f"  {k} {record[k]:.4f}" for k in ("val_acc", "test_acc") if k in record)
-    return (f"epoch {record['epoch']:3d}/{cfg.epochs}  step {record['step']:6d}  "
-            f"loss {record['train_loss']:.4f}  train_acc {record['train_acc']:.4f}{evals}  "
+    head = f"epoch {record['epoch']:3d}/{cfg.epochs}  step {record['step']:6d}  "
+    if record["epoch"] == 0:
+        return head + f"initial parameters{evals}"
+    return (head + f"loss {record['train_loss']:.4f}  train_acc {record['train_acc']:.4f}{evals}  "
             f"{record['samples_per_s']:.0f} samples/s")
 
 
@@ -111,6 +125,12 @@ def run(cfg, comm=MPI.COMM_SELF, stop=None):
     reducer = ExactGradients(cfg.layers, N_STATS, comm, dtype=cfg.np_dtype)
     eval_reducer = ExactSum([N_EVAL_STATS], comm)
     batch_columns = BatchColumns(cfg.layers[0], comm)
+    if state.step == 0 and not state.history:  # a fresh run: first the baseline
+        state.history.append(initial_record(state, cfg, data, comm, eval_reducer))
+        if rank == 0:
+            metrics_log.append(state.history[0])
+            if not cfg.quiet:
+                progress.write(log_line(state.history[0], cfg))
     record = state.history[-1] if state.history else None
     trained, train_seconds, start = 0, 0.0, time.perf_counter()
     while state.epoch <= cfg.epochs and not (cfg.max_steps and state.step >= cfg.max_steps):
@@ -183,7 +203,8 @@ def run(cfg, comm=MPI.COMM_SELF, stop=None):
                "samples_per_s": trained / train_seconds if trained else record.get("samples_per_s"),
                "wall_s": time.perf_counter() - start}
     if rank == 0:
-        outputs.save_model(out / "model.h5", state.params, cfg.layers, cfg.activation, cfg.loss)
+        outputs.save_model(out / "model.h5", state.params, cfg.layers, cfg.activation, cfg.loss,
+                           cfg.positive_digit)
         outputs.write_json(out / "summary.json", summary)
     return state.params, summary
 

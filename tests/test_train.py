@@ -50,16 +50,16 @@ def test_outputs_and_single_config_print(mnist_h5, tmp_path):
                            "--val-size", "50", "--epochs", "2", "--layers", "784,8,10",
                            "--max-steps", "12", "--batch-size", "32", "--block-size", "4"], ranks=3)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("layers       =") == 1
-    assert result.stdout.count("epoch ") == 2
+    assert result.stdout.count("layers           =") == 1
+    assert result.stdout.count("epoch ") == 3  # epoch 0 (initial parameters), 1, 2
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 12 and summary["epochs"] == 2 and summary["world_size"] == 3
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [8, 12]
+    assert [r["step"] for r in records] == [0, 8, 12]
     for key in ("train_loss", "train_acc",
                 "val_acc", "test_acc", "test_quadratic_cost", "test_cross_entropy",
                 "samples_per_s", "compute_s", "comm_s", "data_s"):
-        assert key in records[0]
+        assert key in records[1]
     with h5py.File(tmp_path / "model.h5", "r") as f:
         assert list(f.attrs["layers"]) == [784, 8, 10]
         assert f.attrs["activation"] == "sigmoid" and f.attrs["loss"] == "ce"
@@ -122,6 +122,16 @@ def error_line(result):
     (["--batch-size", "8", "--block-size", "4"],
      "--batch-size 8 with --block-size 4 gives 2 blocks per step for 3 ranks; lower --block-size"),
     (["--layers", "784,8,9"], "output width must be 10"),
+    (["--loss", "bce"], "--loss bce trains one digit against the rest with one output unit, so "
+                        "the output width must be 1 (e.g. --layers 784,1 or 784,64,1), got 10"),
+    (["--loss", "bce", "--layers", "784,1"], "name it with --positive-digit D (0-9)"),
+    (["--loss", "bce", "--layers", "784,1", "--positive-digit", "10"],
+     "--positive-digit must be a digit 0-9, got 10"),
+    (["--loss", "bce", "--layers", "784,1", "--positive-digit", "-1"],
+     "--positive-digit must be a digit 0-9, got -1"),
+    (["--positive-digit", "3", "--layers", "784,1"], "needs a sigmoid output: use --loss bce"),
+    (["--positive-digit", "3", "--loss", "mse"], "output width must be 1"),
+    (["--layers", "784,1", "--loss", "mse"], "(or 1 with --positive-digit D), got 1"),
 ])
 def test_bad_settings_give_one_error_line(args, message, mnist_h5, tmp_path):
     result = launch_train(["--data", mnist_h5, "--out", tmp_path / "o", *args], ranks=3, timeout=60)
