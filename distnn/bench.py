@@ -13,9 +13,9 @@ float32) it measures, on real MNIST rows:
   and reduction (agreeing on grids, rounding and the Allreduce calls), the
   bytes each rank contributes to the Allreduce calls per step, and the peak
   resident memory per rank, with the data set in memory and with ``--stream``;
-- the ceiling without communication: as many independent processes as there
-  are cores (up to the largest rank count measured), each training its share
-  of every batch alone, launched and timed the same way.
+- the ceiling without communication: independent processes, as many as the
+  largest measured rank count that fits the cores, each training its share of
+  every batch alone, launched and timed the same way.
 
 Throughput comes from windows of ``--window`` steps: samples per window over
 the median window time of all repetitions (after a warm-up), so windows slowed
@@ -192,7 +192,8 @@ def worker(args):
     peak_mb = max(comm.allgather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
     if comm.rank == 0:
         result = {"ranks": comm.size, "stream": args.stream, "independent": args.independent,
-                  "window_s": windows,
+                  "window_s": windows,  # samples per step: all processes' rows
+                  "samples_per_step": len(rows[0]) * (comm.size if args.independent else 1),
                   **{f"{k}_ms": statistics.median(t[k] for t in phases[1:]) for k in phases[0]},
                   "allreduce_bytes_per_step": 0 if args.independent else int(statistics.median(sent)),
                   "peak_rss_mb": peak_mb}
@@ -222,7 +223,7 @@ def summarize(args, results):
     """One run's figures from the results of several launches: samples/s from the
     median window of all of them, the other figures as medians."""
     windows = [w for r in results for w in r.pop("window_s")]
-    return {**results[0], "samples_per_s": window_of(args) * args.batch_size
+    return {**results[0], "samples_per_s": window_of(args) * results[0]["samples_per_step"]
             / statistics.median(windows),
             **{k: statistics.median(r[k] for r in results)
                for k in results[0] if k.endswith(("_ms", "_mb"))}}

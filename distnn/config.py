@@ -104,7 +104,8 @@ def build_parser():
                    help="hidden-layer activation (default sigmoid)")
     p.add_argument("--loss", default=d.loss, choices=list(losses.LOSSES),
                    help="output/loss pair: ce = softmax + cross-entropy, mse = sigmoid + "
-                        "quadratic, bce = sigmoid + binary cross-entropy (default ce)")
+                        "quadratic, bce = one sigmoid output + binary cross-entropy, for one "
+                        "digit against the rest (--positive-digit) (default ce)")
     p.add_argument("--positive-digit", type=int, metavar="D",
                    help="train one digit against the rest: target 1 for digit D (0-9), 0 for "
                         "every other digit, one sigmoid output (--layers 784,1 or 784,64,1) "

@@ -113,9 +113,9 @@ def write_predictions(path, guesses, values, with_probabilities):
     outputs.atomic_write(path, write)
 
 
-def show_digits(path, images, labels, probs, guesses, names, count, seed):
+def show_digits(path, images, labels, captions, probs, guesses, names, count, seed):
     """A grid of digits, each beside a bar chart of its class probabilities (``names``),
-    marked CORRECT/INCORRECT."""
+    marked CORRECT/INCORRECT against ``labels`` and titled with ``captions``."""
     plt = need_matplotlib()
     pick = np.sort(np.random.default_rng(seed).choice(len(images), min(count, len(images)), replace=False))
     cols = min(4, len(pick))
@@ -130,7 +130,7 @@ def show_digits(path, images, labels, probs, guesses, names, count, seed):
         image_ax.imshow(images[i].reshape(SIDE, SIDE), cmap="Greys_r")
         image_ax.set_xticks([])
         image_ax.set_yticks([])
-        truth = "" if labels is None else f"label {names[labels[i]]}  "
+        truth = "" if labels is None else f"label {captions[i]}\n"
         image_ax.set_title(f"{truth}{'CORRECT' if ok else 'INCORRECT'}" if labels is not None
                            else f"#{i}", color="g" if ok else "r", fontsize=9, fontweight="bold")
         bar_ax.bar(range(probs.shape[1]), probs[i], color=["g" if ok else "r" if j == guess else "C0"
@@ -182,9 +182,12 @@ def run(args):
             raise UserError(f"{model_path}: the model has {layers[-1]} outputs, but the data has "
                             f"labels up to {labels.max()}")
         probs, guesses, names = values, values.argmax(axis=1), [str(k) for k in range(layers[-1])]
+        captions = labels
     else:  # one digit against the rest: classes "not D" (0) and "D" (1)
         probs = np.column_stack([1 - values[:, 0], values[:, 0]])
         guesses, names = (values[:, 0] >= 0.5).astype(np.int64), [f"not {digit}", str(digit)]
+        captions = None if labels is None else [
+            str(d) if d == digit else f"{d} (not {digit})" for d in labels]
         labels = None if labels is None else task_labels(labels, digit)
     out = Path(args.out) if args.out else model_path.parent / "predictions.csv.gz"
     write_predictions(out, guesses, values, args.probabilities)
@@ -196,8 +199,8 @@ def run(args):
         lines.append(f"accuracy {np.mean(guesses == labels):.4f} on {len(labels)} test images")
     if args.show:
         folder = out.parent
-        show_digits(folder / "digits.png", images, labels, probs, guesses, names, args.show,
-                    args.seed)
+        show_digits(folder / "digits.png", images, labels, captions, probs, guesses, names,
+                    args.show, args.seed)
         lines.append(f"wrote {folder / 'digits.png'}")
         if labels is not None:
             show_confusion(folder / "confusion.png", labels, guesses, names)

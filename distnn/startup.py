@@ -108,6 +108,14 @@ def resume_state(cfg, fingerprint, comm):
     return state
 
 
+def shared(comm, params):
+    """``params`` with rank 0's values on every rank (in place)."""
+    for W, b in params:
+        comm.Bcast(W, root=0)
+        comm.Bcast(b, root=0)
+    return params
+
+
 def share_state(comm, state, params):
     """Make every rank hold rank 0's state; ``params`` are this rank's arrays to fill."""
     meta = None
@@ -117,9 +125,6 @@ def share_state(comm, state, params):
         meta = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
                 if f.name != "params"}
     meta = comm.bcast(meta, root=0)
-    held = state.params if comm.rank == 0 else params
-    for W, b in held:
-        comm.Bcast(W, root=0)
-        comm.Bcast(b, root=0)
+    held = shared(comm, state.params if comm.rank == 0 else params)
     meta["totals"] = np.asarray(meta["totals"], np.float64)
     return checkpoint.TrainState(params=held, **meta)

@@ -41,23 +41,23 @@ def epoch_record(state, params, cfg, data, comm, eval_reducer, timers, seconds, 
             "train_acc": totals[1] / seen,
             "samples_per_s": trained / seconds if seconds else None,
             **{f"{k}_s": round(v, 4) for k, v in timers.items()},
-            **evaluation(state, params, cfg, data, comm, eval_reducer)}
+            **evaluation(state.step, params, cfg, data, comm, eval_reducer)}
 
 
-def initial_record(state, cfg, data, comm, eval_reducer):
+def initial_record(params, cfg, data, comm, eval_reducer):
     """Epoch 0: the metrics of the parameters before any step (the baseline)."""
     return {"epoch": 0, "step": 0, "elapsed_s": 0.0,
-            **evaluation(state, state.params, cfg, data, comm, eval_reducer)}
+            **evaluation(0, params, cfg, data, comm, eval_reducer)}
 
 
-def evaluation(state, params, cfg, data, comm, eval_reducer):
+def evaluation(step, params, cfg, data, comm, eval_reducer):
     """Accuracy, quadratic cost and cross-entropy on the validation and test splits."""
     record = {}
     for split in ("val", "test"):
         try:
             scores = evaluate(params, cfg, data, split, comm, eval_reducer) or {}
         except NonFiniteError:
-            raise Diverged(f"training diverged by step {state.step}: the {split} outputs became "
+            raise Diverged(f"training diverged by step {step}: the {split} outputs became "
                            "NaN or infinite; the last good checkpoint is kept; lower --lr",
                            agreed=True) from None
         for key, value in scores.items():
@@ -101,7 +101,13 @@ def run(cfg, comm=MPI.COMM_SELF, stop=None):
     params = dcomm.agree(comm, startup.initial_params, cfg)
     dcomm.agree(comm, startup.prepare_out, cfg, comm)
     resumed = dcomm.agree(comm, startup.resume_state, cfg, data.fingerprint, comm)
+    initial = [(W.copy(), b.copy()) for W, b in params]  # share_state may overwrite params
     state = startup.share_state(comm, resumed, params)
+    eval_reducer = ExactSum([N_EVAL_STATS], comm)
+    if not state.history or state.history[0]["epoch"] != 0:
+        # the baseline, epoch 0: for a fresh run, or a checkpoint written before runs had one
+        state.history.insert(0, initial_record(startup.shared(comm, initial), cfg, data, comm,
+                                               eval_reducer))
     out, config_json = Path(cfg.out), cfg.to_json()
     metrics_log = outputs.MetricsLog(out / "metrics.jsonl")
     steps_per_epoch = -(-data.size("train") // cfg.batch_size)
@@ -115,6 +121,8 @@ def run(cfg, comm=MPI.COMM_SELF, stop=None):
             print(f"{PROG}: {size} rank{'s' if size > 1 else ''}, {data.size('train')} training / "
                   f"{data.size('val')} validation / {data.size('test')} test images\n"
                   f"{cfg.describe()}", flush=True)
+            if state.step == 0:
+                progress.write(log_line(state.history[0], cfg))
 
     def save_checkpoint():
         """Rank 0 writes ``state``; every rank first checks the parameters are finite."""
@@ -123,15 +131,8 @@ def run(cfg, comm=MPI.COMM_SELF, stop=None):
             return checkpoint.save(out / "checkpoints", state, config_json, data.fingerprint, cfg.keep)
 
     reducer = ExactGradients(cfg.layers, N_STATS, comm, dtype=cfg.np_dtype)
-    eval_reducer = ExactSum([N_EVAL_STATS], comm)
     batch_columns = BatchColumns(cfg.layers[0], comm)
-    if state.step == 0 and not state.history:  # a fresh run: first the baseline
-        state.history.append(initial_record(state, cfg, data, comm, eval_reducer))
-        if rank == 0:
-            metrics_log.append(state.history[0])
-            if not cfg.quiet:
-                progress.write(log_line(state.history[0], cfg))
-    record = state.history[-1] if state.history else None
+    record = state.history[-1]
     trained, train_seconds, start = 0, 0.0, time.perf_counter()
     while state.epoch <= cfg.epochs and not (cfg.max_steps and state.step >= cfg.max_steps):
         order = data.epoch_order(state.epoch, cfg.seed, cfg.shuffle)

@@ -58,7 +58,8 @@ def test_short_binary_run_beats_always_not_digit(mnist_h5, tmp_path):
     guesses = np.array([int(r[0]) for r in rows])
     p_seven = np.array([float(r[1]) for r in rows])
     assert len(rows) == len(test_labels) and {len(r) for r in rows} == {2}
-    assert np.array_equal(guesses, (p_seven >= 0.5).astype(int))
+    clear = np.abs(p_seven - 0.5) > 1e-5  # the text has 6 significant digits
+    assert np.array_equal(guesses[clear], (p_seven[clear] >= 0.5).astype(int))
     accuracy = np.mean(guesses == (test_labels == 7))
     assert accuracy == summary["test_acc"]  # the same blocks, the same bits
     assert f"accuracy {summary['test_acc']:.4f}" in predicted.stdout

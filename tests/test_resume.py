@@ -232,3 +232,22 @@ def test_unreadable_rows_are_named_mid_run_and_at_load(mnist_h5, tmp_path):
     loaded = launch_train([*args, "--out", tmp_path / "m"], ranks=2, timeout=120)
     assert loaded.returncode == 2
     assert f"{damaged}: cannot read /train/images rows {first_row}-{first_row + 15}" in loaded.stderr
+
+
+def test_resume_from_a_checkpoint_without_the_epoch_0_record(mnist_h5, tmp_path):
+    """Checkpoints written before runs recorded epoch 0: the resumed run adds it back."""
+    args = ["--data", mnist_h5, "--out", tmp_path / "run", "--train-limit", "600",
+            "--val-size", "100", "--batch-size", "50", "--epochs", "2", "--layers", "784,8,10"]
+    whole = launch_train([*args[:3], tmp_path / "whole", *args[4:]])
+    assert whole.returncode == 0, whole.stderr
+    stopped = launch_train([*args, "--max-steps", "14"], ranks=2)
+    assert stopped.returncode == 0, stopped.stderr
+    folder = tmp_path / "run" / "checkpoints"
+    path, state, config_json, data = checkpoint.load_latest(folder, print)
+    assert state.history[0]["epoch"] == 0
+    del state.history[0]
+    shutil.rmtree(folder)
+    checkpoint.save(folder, state, config_json, data, keep=1)
+    resumed = launch_train([*args, "--resume"], ranks=3)
+    assert resumed.returncode == 0, resumed.stderr
+    assert run_result(tmp_path / "run") == run_result(tmp_path / "whole")
