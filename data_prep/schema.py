@@ -16,14 +16,13 @@ the read path. Every chunk carries a Fletcher-32 checksum, so damaged rows fail
 to read instead of silently feeding wrong pixels to training.
 """
 
-import os
-import tempfile
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from data_prep import PrepError
+from data_prep.files import atomic_write
 
 SCHEMA_VERSION = 1
 IMAGE_SHAPE = (28, 28)
@@ -48,9 +47,8 @@ def write(out, arrays, sources):
                 f"{sources[(split, 'labels')][0]} has {len(labels)} labels"
             )
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
+
+    def write_file(tmp):
         with h5py.File(tmp, "w") as f:
             f.attrs["schema_version"] = SCHEMA_VERSION
             f.attrs["image_shape"] = np.asarray(IMAGE_SHAPE, dtype=np.int64)
@@ -62,24 +60,7 @@ def write(out, arrays, sources):
                 name, digest = sources[(split, kind)]
                 f.attrs[f"source_{split}_{kind}"] = name
                 f.attrs[f"sha256_{split}_{kind}"] = digest
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, out)
-        fd = os.open(out.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    atomic_write(out, write_file)
 
 
 def check(path):

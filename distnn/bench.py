@@ -4,7 +4,9 @@ For one configuration (default 784-256-10 sigmoid/softmax, batch 256, block 32,
 float32) it measures, on real MNIST rows:
 
 - this machine's GEMM rate (float32 and float64) for the first layer's shape,
-  and from it an upper bound on samples/s (6 x weights flops per sample);
+  and from it an upper bound on samples/s (per sample: 2 x weights flops forward,
+  2 x weights for the weight gradients, 2 x the weights past the first layer
+  for the deltas);
 - a plain numpy loop of the same network in one process, with ordinary float
   reduction (``model.loss_and_grads`` + ``sgd_step``): the in-run reference;
 - exact training with the trainer's own per-step code under ``mpirun -n P`` for
@@ -306,7 +308,7 @@ def main(argv=None):
     samples = window * cfg.batch_size
     report = {"config": {k: getattr(args, k) for k in ("layers", "batch_size", "block_size",
                                                         "dtype", "steps", "repeats")},
-              "window": window_of(args),
+              "window": window,
               "machine": machine(), "gemm_gflops": rates,
               "bound_samples_per_s": rates[cfg.dtype] * 1e9 / flops_per_sample,
               "plain_samples_per_s": samples / plain_s, "exact_samples_per_s": samples / exact_s,

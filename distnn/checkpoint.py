@@ -10,13 +10,12 @@ ranks.
 
 Files are ``<out>/checkpoints/ckpt-<step>.h5``, written by rank 0 under a
 temporary name, fsync'd, renamed and the folder fsync'd
-(:func:`distnn.outputs.atomic_write`): a crash at any moment
+(:func:`data_prep.files.atomic_write`): a crash at any moment
 leaves the previous checkpoint intact. Each file carries a SHA-256 of its
 contents, checked on load, and nothing in it is pickled.
 """
 
 import dataclasses
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -24,7 +23,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from distnn.outputs import atomic_write
+from distnn.comm import params_hash
+from data_prep.files import atomic_write
 
 FORMAT = "distnn-checkpoint"
 VERSION = 1
@@ -49,10 +49,7 @@ class TrainState:
 
 def digest(state, config_json, data_fingerprint):
     """SHA-256 over every value a checkpoint stores, in a fixed order."""
-    h = hashlib.sha256()
-    for W, b in state.params:
-        h.update(np.ascontiguousarray(W).tobytes())
-        h.update(np.ascontiguousarray(b).tobytes())
+    h = params_hash(state.params)
     h.update(np.asarray(state.totals, np.float64).tobytes())
     meta = {"step": state.step, "epoch": state.epoch, "position": state.position,
             "seen": state.seen, "history": state.history, "config": config_json,
@@ -79,7 +76,7 @@ def save(folder, state, config_json, data_fingerprint, keep):
                             "config": config_json, "data": data_fingerprint,
                             "sha256": digest(state, config_json, data_fingerprint)})
     atomic_write(path, write)
-    for old in sorted(listing(folder))[:-keep]:
+    for old in listing(folder)[:-keep]:
         old[1].unlink(missing_ok=True)
     for stale in folder.glob(".ckpt-*.tmp"):
         stale.unlink(missing_ok=True)

@@ -37,13 +37,18 @@ def agree(comm, fn, *args):
     return result
 
 
-def params_digest(params):
-    """SHA-256 of W0, b0, W1, b1, ... as C-order bytes in the run's dtype."""
+def params_hash(params):
+    """A running SHA-256 of W0, b0, W1, b1, ... as C-order bytes in the run's dtype."""
     h = hashlib.sha256()
     for W, b in params:
         h.update(W.tobytes())
         h.update(b.tobytes())
-    return h.hexdigest()
+    return h
+
+
+def params_digest(params):
+    """The hex SHA-256 of the parameters (:func:`params_hash`)."""
+    return params_hash(params).hexdigest()
 
 
 def check_replicas(comm, params, when):

@@ -176,8 +176,10 @@ class ExactGradients:
         in_exps, d_exps, stat_exp = [None] + exps[:n_layers - 1], exps[n_layers - 1:-1], exps[-1]
         bits = headroom_bits(total_rows)
         first_rows = np.arange(self.shapes[0][0]) if first_rows is None else first_rows
-        w0_shape = (len(first_rows), self.shapes[0][1])
-        w0 = self.buffer[self.offsets[-1]:self.offsets[-1] + w0_shape[0] * w0_shape[1]]
+        w0_size = len(first_rows) * self.shapes[0][1]
+        w_sums = [self.buffer[self.offsets[-1]:self.offsets[-1] + w0_size]
+                  .reshape(len(first_rows), self.shapes[0][1])]
+        w_sums += [self._part(2 * l - 1).reshape(self.shapes[l]) for l in range(1, n_layers)]
         gemm, scales = 0.0, []
         for l, (a, d) in enumerate(zip(inputs, deltas)):
             if l == 0:  # pixels are integers already
@@ -189,24 +191,22 @@ class ExactGradients:
             d_shift = d_bits - d_exps[l]
             qd = on_grid(d, d_shift)
             g0 = time.perf_counter()
-            np.matmul(qa.T, qd, out=w0.reshape(w0_shape) if l == 0 else
-                      self._part(2 * l - 1).reshape(self.shapes[l]))
+            np.matmul(qa.T, qd, out=w_sums[l])
             gemm += time.perf_counter() - g0
             np.sum(qd, axis=0, out=self._part(2 * l))
             scales.append((a_shift + d_shift, d_shift))
         stat_shift = bits - stat_exp
         self._part(2 * n_layers - 1)[:] = on_grid(stats, stat_shift).sum(axis=0)
         t2 = time.perf_counter()
-        sent = self.buffer[:self.offsets[-1] + w0.size]
+        sent = self.buffer[:self.offsets[-1] + w0_size]
         self.comm.Allreduce(MPI.IN_PLACE, sent, op=MPI.SUM)
         self.sent_bytes = sent.nbytes
         t3 = time.perf_counter()
         grads = []
         for l, (w_shift, b_shift) in enumerate(scales):
             w_factor = (self.first_input_scale if l == 0 else 1) / divide_by
-            W = off_grid(w0 if l == 0 else self._part(2 * l - 1), w_shift, w_factor, self.dtype)
-            b = off_grid(self._part(2 * l), b_shift, 1 / divide_by, self.dtype)
-            grads.append((W.reshape(w0_shape if l == 0 else self.shapes[l]), b))
+            grads.append((off_grid(w_sums[l], w_shift, w_factor, self.dtype),
+                          off_grid(self._part(2 * l), b_shift, 1 / divide_by, self.dtype)))
         stat_sums = off_grid(self._part(2 * n_layers - 1), stat_shift, 1.0)
         self.seconds = {"agree": t1 - t0, "gemm": gemm, "allreduce": t3 - t2,
                         "round": (t2 - t1 - gemm) + (time.perf_counter() - t3)}

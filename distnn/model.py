@@ -149,12 +149,16 @@ def metric_sums(y, t):
     return correct.astype(np.float64), quadratic, cross
 
 
-def is_correct(y, t):
-    """Per sample: does the output pick the target? argmax over the outputs, or for a
-    single output, the same side of 0.5."""
+def guess(y):
+    """The class each output picks: the argmax, or for a single output 1 at 0.5 and above."""
     if y.shape[-1] == 1:
-        return (y[..., 0] >= 0.5) == (t[..., 0] >= 0.5)
-    return y.argmax(axis=-1) == t.argmax(axis=-1)
+        return (y[..., 0] >= 0.5).astype(np.int64)
+    return y.argmax(axis=-1)
+
+
+def is_correct(y, t):
+    """Per sample: does the output pick the target's class?"""
+    return guess(y) == guess(t)
 
 
 def metrics(params, X, targets, activation="sigmoid", loss="ce"):

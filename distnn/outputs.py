@@ -13,31 +13,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from data_prep.files import atomic_write
 from distnn.errors import UserError
-
-
-def atomic_write(path, write):
-    """Call ``write(tmp_path)``, fsync the result, then rename it to ``path``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def fsync_dir(folder):
-    """Make a rename in ``folder`` durable."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_json(path, obj):

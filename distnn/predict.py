@@ -26,7 +26,8 @@ import numpy as np
 
 from data_prep import PrepError
 from data_prep.csv_source import read_csv_images
-from distnn import outputs
+from data_prep.files import atomic_write
+from distnn import model, outputs
 from distnn.config import DEFAULT_DATA
 from distnn.data import Dataset
 from distnn.errors import UserError, cli
@@ -87,7 +88,7 @@ def read_image(path, invert):
     return np.clip(np.rint(image), 0, 255).astype(np.uint8).reshape(PIXELS)
 
 
-def load_inputs(args, layers):
+def load_inputs(args):
     """(uint8 images, labels or None, names) from the chosen source."""
     if args.images:
         images = np.stack([read_image(p, args.invert) for p in args.images])
@@ -110,7 +111,7 @@ def write_predictions(path, guesses, values, with_probabilities):
     def write(tmp):
         with gzip.open(tmp, "wt") as f:
             f.write("\n".join(lines) + "\n")
-    outputs.atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def show_digits(path, images, labels, captions, probs, guesses, names, count, seed):
@@ -174,18 +175,18 @@ def run(args):
     if layers[0] != PIXELS:
         raise UserError(f"{model_path}: the model takes {layers[0]} inputs, but the images have "
                         f"{PIXELS} pixels (28x28)")
-    images, labels, files = load_inputs(args, layers)
+    images, labels, files = load_inputs(args)
     values = predict(params, images, attrs["activation"], attrs["loss"], np.dtype(attrs["dtype"]).type)
-    digit = attrs["positive_digit"]
+    digit, guesses = attrs["positive_digit"], model.guess(values)
     if digit is None:
         if labels is not None and labels.max() >= layers[-1]:
             raise UserError(f"{model_path}: the model has {layers[-1]} outputs, but the data has "
                             f"labels up to {labels.max()}")
-        probs, guesses, names = values, values.argmax(axis=1), [str(k) for k in range(layers[-1])]
+        probs, names = values, [str(k) for k in range(layers[-1])]
         captions = labels
     else:  # one digit against the rest: classes "not D" (0) and "D" (1)
         probs = np.column_stack([1 - values[:, 0], values[:, 0]])
-        guesses, names = (values[:, 0] >= 0.5).astype(np.int64), [f"not {digit}", str(digit)]
+        names = [f"not {digit}", str(digit)]
         captions = None if labels is None else [
             str(d) if d == digit else f"{d} (not {digit})" for d in labels]
         labels = None if labels is None else task_labels(labels, digit)

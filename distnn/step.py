@@ -31,6 +31,15 @@ def task_labels(labels, positive_digit):
     return labels if positive_digit is None else (labels == positive_digit).astype(np.int64)
 
 
+def pad_rows(a, rows):
+    """``a`` with zero rows appended up to ``rows`` (``a`` itself if it has them all)."""
+    if len(a) == rows:
+        return a
+    padded = np.zeros((rows, *a.shape[1:]), a.dtype)
+    padded[:len(a)] = a
+    return padded
+
+
 def stack_blocks(images, labels, n_blocks, block_size, n_out, dtype=np.float64):
     """Pad rows to n_blocks * block_size; return uint8 pixels (rows, 784), and targets
     (one-hot, or the 0/1 label itself for a single output) and the row mask in ``dtype``.
@@ -38,8 +47,7 @@ def stack_blocks(images, labels, n_blocks, block_size, n_out, dtype=np.float64):
     Padding rows are zero and masked out; ``rows = n_blocks * block_size``.
     """
     rows = n_blocks * block_size
-    pixels = np.zeros((rows, images.shape[1]), images.dtype)
-    pixels[:len(images)] = images
+    pixels = pad_rows(images, rows)
     targets = np.zeros((rows, n_out), dtype)
     if n_out == 1:
         targets[:len(labels), 0] = labels
@@ -50,16 +58,21 @@ def stack_blocks(images, labels, n_blocks, block_size, n_out, dtype=np.float64):
     return pixels, targets, mask
 
 
-def local_share(data, batch, cfg, comm):
-    """This rank's contiguous run of blocks of the global ``batch`` (training positions):
-    (pixels, targets, mask) as :func:`stack_blocks` gives them, and the batch's row
-    count padded to whole blocks."""
-    n_blocks = -(-len(batch) // cfg.block_size)
+def share(data, split, positions, block_size, cfg, comm, dtype):
+    """This rank's contiguous run of blocks of ``positions`` in ``split``: (pixels,
+    targets, mask) as :func:`stack_blocks` gives them, and the row count padded to
+    whole blocks."""
+    n_blocks = -(-len(positions) // block_size)
     lo, hi = block_range(n_blocks, comm.size, comm.rank)
-    images, labels = data.get("train", batch[lo * cfg.block_size:hi * cfg.block_size])
+    images, labels = data.get(split, positions[lo * block_size:hi * block_size])
     return (*stack_blocks(images, task_labels(labels, cfg.positive_digit), hi - lo,
-                          cfg.block_size, cfg.layers[-1], cfg.np_dtype),
-            n_blocks * cfg.block_size)
+                          block_size, cfg.layers[-1], dtype),
+            n_blocks * block_size)
+
+
+def local_share(data, batch, cfg, comm):
+    """This rank's share of the global ``batch`` (training positions), in the run's dtype."""
+    return share(data, "train", batch, cfg.block_size, cfg, comm, cfg.np_dtype)
 
 
 def as_blocks(a, block_size):
@@ -68,7 +81,7 @@ def as_blocks(a, block_size):
 
 def scaled_blocks(pixels, dtype, block_size):
     """Pixels 0..255 as [0, 1] values in ``dtype``, shaped (blocks, block_size, columns)."""
-    return as_blocks(pixels.astype(dtype) / dtype(255), block_size)
+    return as_blocks(np.divide(pixels, dtype(255), dtype=dtype), block_size)
 
 
 class BatchColumns:
@@ -128,7 +141,8 @@ def train_step(params, cfg, pixels, T, mask, columns, reducer, n_rows, total_row
     used = pixels[:, columns]
     X = scaled_blocks(used, dtype, bs)
     (W0, b0), rest = params[0], params[1:]
-    narrowed = [(W0[columns], b0), *rest]
+    W0_used = W0[columns]  # a copy, updated in place and written back by sgd_update
+    narrowed = [(W0_used, b0), *rest]
     Tb, maskb = as_blocks(T, bs), as_blocks(mask[:, None], bs)
     inputs, zs, y = model.forward_pass(narrowed, X, cfg.activation, cfg.loss)
     delta = losses.output_delta(cfg.loss, zs[-1], y, Tb) * maskb
@@ -139,19 +153,21 @@ def train_step(params, cfg, pixels, T, mask, columns, reducer, n_rows, total_row
     stats = train_stats(cfg, zs[-1], y, Tb, maskb[..., 0]).reshape(rows, N_STATS)
     steps, stat_sums = reducer(flat_inputs, flat_deltas, stats, total_rows,
                                divide_by=n_rows / cfg.lr, first_rows=columns, carry=carry)
-    return sgd_update(params, steps, columns), stat_sums
+    return sgd_update(params, steps, columns, W0_used), stat_sums
 
 
-def sgd_update(params, steps, first_rows):
+def sgd_update(params, steps, first_rows, first_used):
     """``p -= step`` in place, ``step`` being the learning rate times the mean gradient.
 
     The first weight matrix's step holds only the ``first_rows`` rows; the other
     rows' gradient is exactly zero, and ``w - 0`` is ``w``, so they are skipped.
+    ``first_used`` is the copy of those rows the step already gathered: it is
+    updated and written back.
     """
+    first_used -= steps[0][0]
+    params[0][0][first_rows] = first_used
     for i, ((W, b), (sW, sb)) in enumerate(zip(params, steps)):
-        if i == 0:
-            W[first_rows] -= sW
-        else:
+        if i:
             W -= sW
         b -= sb
     return params
@@ -159,9 +175,7 @@ def sgd_update(params, steps, first_rows):
 
 def predict(params, images, activation, loss, dtype):
     """Output values for uint8 images (n, 784), bit for bit what evaluation scores."""
-    n_blocks = -(-len(images) // EVAL_BLOCK)
-    pixels = np.zeros((n_blocks * EVAL_BLOCK, images.shape[1]))
-    pixels[:len(images)] = images
+    pixels = pad_rows(images, -(-len(images) // EVAL_BLOCK) * EVAL_BLOCK)
     y = model.forward_pass(params, scaled_blocks(pixels, dtype, EVAL_BLOCK), activation, loss)[2]
     return y.reshape(-1, y.shape[-1])[:len(images)]
 
@@ -171,14 +185,10 @@ def evaluate(params, cfg, data, split, comm, reducer):
     n = data.size(split)
     if n == 0:
         return None
-    n_blocks = -(-n // EVAL_BLOCK)
-    lo, hi = block_range(n_blocks, comm.size, comm.rank)
-    images, labels = data.get(split, np.arange(lo * EVAL_BLOCK, min(hi * EVAL_BLOCK, n)))
-    pixels, T, mask = stack_blocks(images, task_labels(labels, cfg.positive_digit), hi - lo,
-                                   EVAL_BLOCK, cfg.layers[-1])
+    pixels, T, mask, total_rows = share(data, split, np.arange(n), EVAL_BLOCK, cfg, comm,
+                                        np.float64)
     X = scaled_blocks(pixels, cfg.np_dtype, EVAL_BLOCK)
     _, zs, y = model.forward_pass(params, X, cfg.activation, cfg.loss)
     stats = eval_stats(y, as_blocks(T, EVAL_BLOCK), as_blocks(mask[:, None], EVAL_BLOCK)[..., 0])
-    correct, quad, cross = reducer([stats.reshape(len(pixels), N_EVAL_STATS)],
-                                   n_blocks * EVAL_BLOCK)[0]
+    correct, quad, cross = reducer([stats.reshape(len(pixels), N_EVAL_STATS)], total_rows)[0]
     return {"acc": correct / n, "quadratic_cost": quad / n, "cross_entropy": cross / n}

@@ -30,7 +30,7 @@ from distnn.stop import StopRequest
 PROG = startup.PROG
 
 
-def epoch_record(state, params, cfg, data, comm, eval_reducer, timers, seconds, trained):
+def epoch_record(state, cfg, data, comm, eval_reducer, timers, seconds, trained):
     """The metrics record of the epoch in progress: running training sums plus evaluation.
 
     ``trained`` samples took ``seconds`` in this process (less than the epoch's
@@ -41,7 +41,7 @@ def epoch_record(state, params, cfg, data, comm, eval_reducer, timers, seconds, 
             "train_acc": totals[1] / seen,
             "samples_per_s": trained / seconds if seconds else None,
             **{f"{k}_s": round(v, 4) for k, v in timers.items()},
-            **evaluation(state.step, params, cfg, data, comm, eval_reducer)}
+            **evaluation(state.step, state.params, cfg, data, comm, eval_reducer)}
 
 
 def initial_record(params, cfg, data, comm, eval_reducer):
@@ -175,7 +175,7 @@ def run(cfg, comm=MPI.COMM_SELF, stop=None):
         if not finished:
             save_checkpoint()  # stopped by --max-steps inside an epoch: resumable from here
         dcomm.check_replicas(comm, state.params, f"after step {state.step}")
-        record = epoch_record(state, state.params, cfg, data, comm, eval_reducer, timers, seconds,
+        record = epoch_record(state, cfg, data, comm, eval_reducer, timers, seconds,
                               state.seen - seen_before)
         record["elapsed_s"] = round(time.perf_counter() - start, 3)
         if rank == 0:
@@ -192,7 +192,7 @@ def run(cfg, comm=MPI.COMM_SELF, stop=None):
     if trained == 0 and state.seen:
         # resumed at a --max-steps stop inside an epoch with nothing left to do:
         # that epoch's record (the same numbers as before) closes the run again
-        record = epoch_record(state, state.params, cfg, data, comm, eval_reducer,
+        record = epoch_record(state, cfg, data, comm, eval_reducer,
                               dict(compute=0.0, comm=0.0, data=0.0), 0.0, 0)
         if rank == 0:
             metrics_log.append(record)

@@ -112,8 +112,8 @@ def markdown(rows):
 
 def parse_args(argv):
     argv = list(sys.argv[1:] if argv is None else argv)
-    train_args = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    cut = argv.index("--") if "--" in argv else len(argv)
+    argv, train_args = argv[:cut], argv[cut + 1:]
     p = argparse.ArgumentParser(prog="python -m launch.sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)

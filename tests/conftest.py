@@ -1,9 +1,12 @@
-"""Shared fixtures: the prepared MNIST file and the MPI launcher."""
+"""Shared fixtures and helpers: the prepared MNIST file, the MPI launcher, running
+the project's modules, reading a run's results, waiting without fixed sleeps."""
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -54,10 +57,31 @@ def launch_train(args, ranks=None, timeout=180, cwd=ROOT):
                           timeout=timeout)
 
 
+def run_module(module, *args, timeout=120):
+    """``python -m module args...`` from the repository root, output captured."""
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT,
+                          env=run_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def metrics_records(out):
+    """The records of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
 def run_result(out):
     """(params_sha256, per-epoch metrics without timings) of a finished run."""
-    import json
     summary = json.loads((Path(out) / "summary.json").read_text())
-    records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     return summary["params_sha256"], [{k: v for k, v in r.items() if k not in TIMING_KEYS}
-                                      for r in records]
+                                      for r in metrics_records(out)]
+
+
+def wait_for(predicate, timeout, what, every=0.02):
+    """Poll ``predicate`` every ``every`` seconds until it returns something true, and
+    return that; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(every)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")

@@ -2,23 +2,17 @@
 
 import gzip
 import json
-import subprocess
-import sys
 
 import h5py
 import numpy as np
 import pytest
 
-from conftest import ROOT, launch_train, run_env, run_result
+from conftest import launch_train, metrics_records, run_module, run_result
 
 # 500 training rows in batches of 30 (6 blocks of 5): 2 and 3 ranks split every
 # batch differently, and the final batch of 20 rows leaves 3 ranks uneven.
 BINARY = ["--loss", "bce", "--positive-digit", "3", "--train-limit", "600", "--val-size", "100",
           "--batch-size", "30", "--block-size", "5", "--epochs", "2", "--lr", "0.5"]
-
-
-def records_of(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("layers", ["784,1", "784,16,1"])
@@ -48,10 +42,8 @@ def test_short_binary_run_beats_always_not_digit(mnist_h5, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["test_acc"] > always_not_seven + 0.03, (summary["test_acc"], always_not_seven)
 
-    predicted = subprocess.run(
-        [sys.executable, "-m", "distnn.predict", "--model", out / "model.h5", "--data", mnist_h5,
-         "--probabilities", "--show", "4"],
-        cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=120)
+    predicted = run_module("distnn.predict", "--model", out / "model.h5", "--data", mnist_h5,
+                           "--probabilities", "--show", "4")
     assert predicted.returncode == 0, predicted.stderr
     rows = [line.split(",") for line in
             gzip.open(out / "predictions.csv.gz", "rt").read().splitlines()]
@@ -65,8 +57,7 @@ def test_short_binary_run_beats_always_not_digit(mnist_h5, tmp_path):
     assert f"accuracy {summary['test_acc']:.4f}" in predicted.stdout
     assert (out / "digits.png").stat().st_size > 0 and (out / "confusion.png").stat().st_size > 0
 
-    plotted = subprocess.run([sys.executable, "-m", "distnn.plot", out], cwd=ROOT, env=run_env(),
-                             capture_output=True, text=True, timeout=120)
+    plotted = run_module("distnn.plot", out)
     assert plotted.returncode == 0, plotted.stderr
     assert (out / "curves.png").stat().st_size > 0
 
@@ -77,7 +68,7 @@ def test_metrics_start_with_the_initial_parameters(mnist_h5, tmp_path):
                            "--train-limit", "1000", "--val-size", "200", "--epochs", "1",
                            "--batch-size", "40", "--block-size", "5"], ranks=2)
     assert result.returncode == 0, result.stderr
-    first, last = records_of(out)
+    first, last = metrics_records(out)
     assert (first["epoch"], first["step"]) == (0, 0) and last["epoch"] == 1
     assert 0.05 < first["test_acc"] < 0.2 and 0.05 < first["val_acc"] < 0.2  # chance: 0.1
     assert "train_loss" not in first and last["test_acc"] > 0.5

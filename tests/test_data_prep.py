@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -287,6 +288,18 @@ def test_output_path_unwritable(tmp_path, capsys, small_mnist):
 # ---- --download against a loopback server ------------------------------------------------
 
 
+@contextmanager
+def serve(handler):
+    """An http server on 127.0.0.1 answering with ``handler``; yields its base URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture
 def http_dir(tmp_path):
     """Serve a folder over http on 127.0.0.1; yields (folder, base URL)."""
@@ -300,12 +313,8 @@ def http_dir(tmp_path):
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serve(Quiet) as base:
+        yield root, base
 
 
 def test_download_verifies_and_falls_back_between_mirrors(tmp_path, http_dir, mnist_h5):
@@ -323,7 +332,7 @@ def test_download_verifies_and_falls_back_between_mirrors(tmp_path, http_dir, mn
             assert np.array_equal(f[key][...], ref[key][...])
 
 
-def test_download_cut_short_tries_the_next_mirror(tmp_path, http_dir, capsys):
+def test_download_cut_short_tries_the_next_mirror(tmp_path, capsys):
     """A server that closes before sending all it announced: a clean error, no traceback."""
     class Short(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
@@ -335,17 +344,11 @@ def test_download_cut_short_tries_the_next_mirror(tmp_path, http_dir, capsys):
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Short)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with serve(Short) as base:
         out = tmp_path / "dl.h5"
-        err = expect_error(capsys, ["--download", "--mirror",
-                                    f"http://127.0.0.1:{server.server_address[1]}", "--out", out],
+        err = expect_error(capsys, ["--download", "--mirror", base, "--out", out],
                            "train-images-idx3-ubyte.gz", "download failed", out=out)
         assert "Traceback" not in err
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_download_checksum_mismatch(tmp_path, http_dir, capsys):

@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT, run_env
+from conftest import ROOT, run_env, run_module
 from launch import sweep
 
 
@@ -37,8 +37,7 @@ def test_grid_and_collected_table(tmp_path):
 
 def test_sweep_errors_are_one_line(tmp_path):
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "launch.sweep", *map(str, args)], cwd=ROOT,
-                              env=run_env(), capture_output=True, text=True, timeout=60)
+        return run_module("launch.sweep", *args, timeout=60)
     missing = run("collect", tmp_path)
     assert missing.returncode == 2 and "no grid.tsv" in missing.stderr
     sweep.write_grid(tmp_path / "s", [0.1], [10])

@@ -13,22 +13,12 @@ from pathlib import Path
 import h5py
 import pytest
 
-from conftest import ROOT, find_mpirun, launch_train, run_env, run_result
+from conftest import ROOT, find_mpirun, launch_train, run_env, run_result, wait_for
 from distnn import checkpoint
 
 ARGS = ["--train-limit", "3200", "--val-size", "200", "--epochs", "4", "--layers", "784,64,10",
         "--batch-size", "32", "--block-size", "4", "--checkpoint-every", "10"]
 EXIT_STOPPED = 75
-
-
-def wait_for(predicate, timeout, what):
-    """Poll ``predicate`` every 20 ms until true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
 def start_train(args, ranks):

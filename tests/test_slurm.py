@@ -9,11 +9,10 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
-from conftest import ROOT, launch_train, run_env, run_result
+from conftest import ROOT, launch_train, run_env, run_result, wait_for
 from distnn import checkpoint
 
 pytestmark = pytest.mark.slurm
@@ -59,36 +58,34 @@ def job_state(job):
     return fields.get("JobState"), int(fields.get("Restarts", 0))
 
 
-def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.2)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
-
-
 def submit_and_wait_for_checkpoint(mnist_h5, tmp_path, out):
     """Submit train.sbatch on 2 tasks; return its job id once it wrote a checkpoint."""
     submitted = subprocess.run(["sbatch", "--parsable", "-n", "2", "-o", str(tmp_path / "job.out"),
                                 str(TRAIN_SBATCH), "--data", str(mnist_h5), *ARGS],
                                env=slurm_env(out), capture_output=True, text=True, cwd=tmp_path)
     assert submitted.returncode == 0, submitted.stderr
-    wait_for(lambda: checkpoint.listing(out / "checkpoints"), 300, "the first checkpoint")
+    wait_for(lambda: checkpoint.listing(out / "checkpoints"), 300, "the first checkpoint", 0.2)
     return submitted.stdout.strip()
 
 
 def wait_until_ended(job, timeout):
     """(final state, restart count) of ``job`` once it has ended."""
-    ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
-    return wait_for(lambda: (lambda s: s if s[0] in ended else None)(job_state(job)),
-                    timeout, "the job to end")
+    def ended():
+        state = job_state(job)
+        return state if state[0] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") else None
+    return wait_for(ended, timeout, "the job to end", 0.2)
 
 
-def test_train_sbatch_matches_mpirun(mnist_h5, tmp_path):
-    direct = launch_train(["--data", mnist_h5, "--out", tmp_path / "direct", *ARGS], ranks=2)
-    assert direct.returncode == 0, direct.stderr
+@pytest.fixture(scope="module")
+def direct(cluster, mnist_h5, tmp_path_factory):
+    """The result of ARGS trained directly with mpirun -n 2 (every rank count gives it)."""
+    out = tmp_path_factory.mktemp("direct")
+    result = launch_train(["--data", mnist_h5, "--out", out, *ARGS], ranks=2)
+    assert result.returncode == 0, result.stderr
+    return run_result(out)
+
+
+def test_train_sbatch_matches_mpirun(direct, mnist_h5, tmp_path):
     job = subprocess.run(["sbatch", "--wait", "-n", "2", "-o", str(tmp_path / "job.out"),
                           str(TRAIN_SBATCH), "--data", str(mnist_h5), *ARGS],
                          env=slurm_env(tmp_path / "slurm"), capture_output=True, text=True,
@@ -96,12 +93,10 @@ def test_train_sbatch_matches_mpirun(mnist_h5, tmp_path):
     log = (tmp_path / "job.out").read_text()
     assert job.returncode == 0, job.stderr + log
     assert "on 2 tasks" in log and "distnn.train: 2 ranks" in log
-    assert run_result(tmp_path / "slurm") == run_result(tmp_path / "direct")
+    assert run_result(tmp_path / "slurm") == direct
 
 
-def test_signal_requeues_and_resumes_to_the_same_result(mnist_h5, tmp_path):
-    reference = launch_train(["--data", mnist_h5, "--out", tmp_path / "ref", *ARGS])
-    assert reference.returncode == 0, reference.stderr
+def test_signal_requeues_and_resumes_to_the_same_result(direct, mnist_h5, tmp_path):
     out = tmp_path / "slurm"
     job = submit_and_wait_for_checkpoint(mnist_h5, tmp_path, out)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
@@ -110,7 +105,7 @@ def test_signal_requeues_and_resumes_to_the_same_result(mnist_h5, tmp_path):
     assert state == "COMPLETED" and restarts == 1, log
     assert "SIGUSR1 received: stopped after step" in log
     assert "requeueing" in log and "(restart 1)" in log and "resuming from" in log
-    assert run_result(out) == run_result(tmp_path / "ref")
+    assert run_result(out) == direct
 
 
 def test_plain_scancel_checkpoints_and_ends_without_requeue(mnist_h5, tmp_path):
@@ -118,8 +113,10 @@ def test_plain_scancel_checkpoints_and_ends_without_requeue(mnist_h5, tmp_path):
     job = submit_and_wait_for_checkpoint(mnist_h5, tmp_path, out)
     subprocess.run(["scancel", job], check=True)
     state, restarts = wait_until_ended(job, 300)
-    log = wait_for(lambda: (lambda t: t if "SIGTERM received" in t else None)(
-        (tmp_path / "job.out").read_text()), 60, "the job's last words")
+    def last_words():
+        text = (tmp_path / "job.out").read_text()
+        return text if "SIGTERM received" in text else None
+    log = wait_for(last_words, 60, "the job's last words", 0.2)
     assert state == "CANCELLED" and restarts == 0, log
     assert "checkpointing and ending" in log and "requeueing" not in log
     checkpoint.load(checkpoint.listing(out / "checkpoints")[-1][1])

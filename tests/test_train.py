@@ -7,7 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import ROOT, find_mpirun, launch_train, run_env, run_result
+from conftest import ROOT, find_mpirun, launch_train, metrics_records, run_env, run_result
 
 # Small, fast settings that still exercise every corner: several hidden layers,
 # a batch size that 3, 4, 6, 7 and 8 do not divide, a final partial batch
@@ -54,7 +54,7 @@ def test_outputs_and_single_config_print(mnist_h5, tmp_path):
     assert result.stdout.count("epoch ") == 3  # epoch 0 (initial parameters), 1, 2
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 12 and summary["epochs"] == 2 and summary["world_size"] == 3
-    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = metrics_records(tmp_path)
     assert [r["step"] for r in records] == [0, 8, 12]
     for key in ("train_loss", "train_acc",
                 "val_acc", "test_acc", "test_quadratic_cost", "test_cross_entropy",

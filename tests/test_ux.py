@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import ROOT, launch_train, run_env
+from conftest import ROOT, launch_train, run_env, run_module
 from distnn import model, outputs
 
 TRAIN = ["--train-limit", "3000", "--val-size", "300", "--epochs", "2", "--layers", "784,16,10",
@@ -34,11 +34,6 @@ def run_dir(mnist_h5, tmp_path_factory):
     result = launch_train(["--data", mnist_h5, "--out", out, "--log-every", "20", *TRAIN], ranks=2)
     assert result.returncode == 0, result.stderr
     return out, result
-
-
-def run_module(module, *args):
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=run_env(),
-                          capture_output=True, text=True, timeout=120)
 
 
 def test_log_lines_without_control_characters_when_not_a_terminal(run_dir):
@@ -71,20 +66,27 @@ def test_progress_bar_on_a_terminal(mnist_h5, tmp_path):
     assert not any(l.startswith("step ") for l in screen.splitlines())
 
 
-def test_quiet_prints_only_the_final_line(mnist_h5, tmp_path):
-    result = launch_train(["--data", mnist_h5, "--out", tmp_path, "--quiet", *TRAIN])
-    assert result.returncode == 0
+@pytest.fixture(scope="module")
+def quiet_run(mnist_h5, tmp_path_factory):
+    """A second run, quiet and at another learning rate (the plot compares the two)."""
+    out = tmp_path_factory.mktemp("ux") / "quiet"
+    result = launch_train(["--data", mnist_h5, "--out", out, "--quiet", *TRAIN, "--lr", "0.3"])
+    assert result.returncode == 0, result.stderr
+    return out, result
+
+
+def test_quiet_prints_only_the_final_line(quiet_run):
+    _, result = quiet_run
     assert result.stdout.splitlines() == [l for l in result.stdout.splitlines() if "done:" in l]
     assert len(result.stdout.splitlines()) == 1
 
 
-def test_plot_one_and_several_runs(run_dir, mnist_h5, tmp_path):
+def test_plot_one_and_several_runs(run_dir, quiet_run, tmp_path):
     run, _ = run_dir
     single = run_module("distnn.plot", run)
     assert single.returncode == 0, single.stderr
     assert png_size(run / "curves.png") == (1500, 450)
-    other = tmp_path / "other"
-    assert launch_train(["--data", mnist_h5, "--out", other, *TRAIN, "--lr", "0.3"]).returncode == 0
+    other, _ = quiet_run
     both = run_module("distnn.plot", run, other, "--out", tmp_path / "cmp.png")
     assert both.returncode == 0, both.stderr
     assert png_size(tmp_path / "cmp.png") == (1500, 450)

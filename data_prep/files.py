@@ -1,0 +1,39 @@
+"""Files that appear whole or not at all (the data file, and distnn's outputs)."""
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def atomic_write(path, write):
+    """Call ``write(tmp)`` on a new temporary file beside ``path``, fsync it, give it the
+    usual permissions, rename it to ``path`` and fsync the folder, so a reader or a
+    crash never sees half a file; on any error the temporary file is removed."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def fsync_dir(folder):
+    """Make a rename in ``folder`` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
