@@ -29,12 +29,17 @@ def agree(comm, fn, *args):
         result, message = fn(*args), None
     except UserError as exc:
         result, message = None, str(exc)
-    messages = comm.allgather(message)
+    raise_agreed(comm.allgather(message))
+    return result
+
+
+def raise_agreed(messages):
+    """Raise the first rank's error of ``messages`` (one per rank, None for no error) as
+    an agreed UserError, naming the rank unless it is rank 0 or every rank said the same."""
     for rank, text in enumerate(messages):
         if text is not None:
             prefix = "" if rank == 0 or all(m == text for m in messages) else f"rank {rank}: "
             raise UserError(prefix + text, agreed=True)
-    return result
 
 
 def params_hash(params):

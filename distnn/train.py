@@ -229,10 +229,7 @@ def parse(argv, comm):
     except SystemExit as exc:  # --help
         outcome = exc.code or 0
     outcomes = comm.allgather(outcome if not isinstance(outcome, dconfig.Config) else None)
-    for rank, other in enumerate(outcomes):
-        if isinstance(other, str):
-            prefix = "" if all(o == other for o in outcomes) else f"rank {rank}: "
-            raise UserError(prefix + other, agreed=True)
+    dcomm.raise_agreed([o if isinstance(o, str) else None for o in outcomes])
     if any(isinstance(o, int) for o in outcomes):
         raise SystemExit(0)
     cfg = outcome
