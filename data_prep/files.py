@@ -10,7 +10,10 @@ def atomic_write(path, write):
     usual permissions, rename it to ``path`` and fsync the folder, so a reader or a
     crash never sees half a file; on any error the temporary file is removed."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:  # name the file asked for, not the temporary one
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
     os.close(fd)
     try:
         write(tmp)
@@ -22,6 +25,15 @@ def atomic_write(path, write):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def reason(exc):
+    """Why an OSError happened, in one line: the system's words for its errno (HDF5's
+    own messages run to several lines), else the first line of its text."""
+    if exc.errno:
+        return os.strerror(exc.errno)
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def fsync_dir(folder):

@@ -1,9 +1,12 @@
-"""distnn's MNIST HDF5 file, schema version 1: writing it atomically, checking it.
+"""distnn's MNIST HDF5 file, schema version 2: writing it atomically, checking it.
 
 Layout:
   /train/images  uint8 (N, 784)    /train/labels  uint8 (N,)
   /test/images   uint8 (M, 784)    /test/labels   uint8 (M,)
-  root attributes: schema_version = 1, image_shape = (28, 28),
+  /train/image_sha256  uint8 (N, 32)   the SHA-256 of each image row's 784 bytes
+  /test/image_sha256   uint8 (M, 32)
+  /<split>/labels attribute sha256: the SHA-256 of all the split's label bytes
+  root attributes: schema_version = 2, image_shape = (28, 28),
   source_<split>_<kind> = source file name, sha256_<split>_<kind> = its SHA-256.
 
 Image datasets are chunked by 16 rows (16 x 784 B = 12.25 KiB, uncompressed).
@@ -12,10 +15,18 @@ evaluation slice), which read whole chunks back to back at any chunk size, and,
 with ``--stream``, a step's rows scattered over the whole set, where every row
 costs a read of its whole chunk: small chunks keep that to 12 KiB a row (a
 256-row chunk would cost 196 KiB). No compression, so no decompression sits on
-the read path. Every chunk carries a Fletcher-32 checksum, so damaged rows fail
-to read instead of silently feeding wrong pixels to training.
+the read path.
+
+Two checks guard the content. Every chunk carries a Fletcher-32 checksum, so
+HDF5 refuses to read a chunk whose bytes changed. That misses a block zeroed
+together with its checksum (the checksum of zeros is zero), a common storage
+failure, and a file replaced while it is open; so every image row also has its
+SHA-256, and the labels one for the split, which readers compare with what they
+read (the 2 MB of row hashes cost 4 % of the file; hashing a row takes about a
+microsecond).
 """
 
+import hashlib
 from pathlib import Path
 
 import h5py
@@ -24,11 +35,22 @@ import numpy as np
 from data_prep import PrepError
 from data_prep.files import atomic_write
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 IMAGE_SHAPE = (28, 28)
 PIXELS = 784
 CHUNK_ROWS = 16
 SPLITS = ("train", "test")
+DIGEST = 32  # bytes of a SHA-256
+
+
+def row_sha256(images):
+    """The SHA-256 of each row of ``images`` (n, 784) uint8, as uint8 (n, 32)."""
+    digests = b"".join(hashlib.sha256(row).digest() for row in np.ascontiguousarray(images))
+    return np.frombuffer(digests, np.uint8).reshape(len(images), DIGEST)
+
+
+def labels_sha256(labels):
+    return hashlib.sha256(np.ascontiguousarray(labels, np.uint8).tobytes()).hexdigest()
 
 
 def write(out, arrays, sources):
@@ -53,10 +75,16 @@ def write(out, arrays, sources):
             f.attrs["schema_version"] = SCHEMA_VERSION
             f.attrs["image_shape"] = np.asarray(IMAGE_SHAPE, dtype=np.int64)
             for (split, kind), data in arrays.items():
+                data = np.ascontiguousarray(data, np.uint8)
                 chunks = ((min(CHUNK_ROWS, len(data)), PIXELS) if kind == "images"
                           else (min(1024 * CHUNK_ROWS, len(data)),))
-                f.create_dataset(f"{split}/{kind}", data=np.ascontiguousarray(data, np.uint8),
-                                 chunks=chunks if len(data) else None, fletcher32=bool(len(data)))
+                dataset = f.create_dataset(f"{split}/{kind}", data=data,
+                                           chunks=chunks if len(data) else None,
+                                           fletcher32=bool(len(data)))
+                if kind == "images":
+                    f[f"{split}/image_sha256"] = row_sha256(data)
+                else:
+                    dataset.attrs["sha256"] = labels_sha256(data)
                 name, digest = sources[(split, kind)]
                 f.attrs[f"source_{split}_{kind}"] = name
                 f.attrs[f"sha256_{split}_{kind}"] = digest
@@ -64,7 +92,7 @@ def write(out, arrays, sources):
 
 
 def check(path):
-    """Raise PrepError unless ``path`` is a readable schema-1 file; return its sizes."""
+    """Raise PrepError unless ``path`` is a readable schema-2 file; return its sizes."""
     path = Path(path)
     if not path.exists():
         raise PrepError(f"{path}: no such file (prepare it with: python -m data_prep --out {path})")
@@ -72,12 +100,15 @@ def check(path):
         with h5py.File(path, "r") as f:
             version = f.attrs.get("schema_version")
             if version != SCHEMA_VERSION:
-                raise PrepError(f"{path}: schema_version is {version}, expected {SCHEMA_VERSION}")
+                raise PrepError(f"{path}: schema_version is {version}, expected {SCHEMA_VERSION} "
+                                f"(prepare it again: python -m data_prep --force --out {path})")
             sizes = {}
             for split in SPLITS:
                 images, labels = f.get(f"{split}/images"), f.get(f"{split}/labels")
-                if not isinstance(images, h5py.Dataset) or not isinstance(labels, h5py.Dataset):
-                    raise PrepError(f"{path}: missing /{split}/images or /{split}/labels")
+                hashes = f.get(f"{split}/image_sha256")
+                if not all(isinstance(d, h5py.Dataset) for d in (images, labels, hashes)):
+                    raise PrepError(f"{path}: missing /{split}/images, /{split}/labels or "
+                                    f"/{split}/image_sha256")
                 if (images.dtype != np.uint8 or labels.dtype != np.uint8
                         or images.ndim != 2 or images.shape[1] != PIXELS
                         or labels.shape != (images.shape[0],)):
@@ -85,7 +116,12 @@ def check(path):
                         f"{path}: /{split} has images {images.dtype}{images.shape} and labels "
                         f"{labels.dtype}{labels.shape}, expected uint8 (N, {PIXELS}) and uint8 (N,)"
                     )
+                if hashes.dtype != np.uint8 or hashes.shape != (images.shape[0], DIGEST) \
+                        or "sha256" not in labels.attrs:
+                    raise PrepError(f"{path}: /{split} lacks its content hashes "
+                                    f"(image_sha256 uint8 (N, {DIGEST}), labels attribute sha256)")
                 sizes[split] = images.shape[0]
             return sizes
     except OSError as exc:
         raise PrepError(f"{path}: not a readable HDF5 file ({exc})") from None
+

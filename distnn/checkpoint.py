@@ -23,8 +23,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from distnn.comm import params_hash
 from data_prep.files import atomic_write
+from distnn.comm import params_hash
+from distnn.outputs import writing
 
 FORMAT = "distnn-checkpoint"
 VERSION = 1
@@ -59,9 +60,11 @@ def digest(state, config_json, data_fingerprint):
 
 
 def save(folder, state, config_json, data_fingerprint, keep):
-    """Write a checkpoint for ``state`` atomically; keep only the newest ``keep``."""
+    """Write a checkpoint for ``state`` atomically; keep only the newest ``keep``.
+
+    A failed write (OutputError naming the file) leaves the older checkpoints as they were.
+    """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"ckpt-{state.step:09d}.h5"
 
     def write(tmp):
@@ -75,11 +78,11 @@ def save(folder, state, config_json, data_fingerprint, keep):
                             "seen": state.seen, "history": json.dumps(state.history),
                             "config": config_json, "data": data_fingerprint,
                             "sha256": digest(state, config_json, data_fingerprint)})
-    atomic_write(path, write)
-    for old in listing(folder)[:-keep]:
-        old[1].unlink(missing_ok=True)
-    for stale in folder.glob(".ckpt-*.tmp"):
-        stale.unlink(missing_ok=True)
+    with writing(path):
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, write)
+        for old in listing(folder)[:-keep]:
+            old[1].unlink(missing_ok=True)
     return path
 
 

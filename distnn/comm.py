@@ -1,45 +1,53 @@
-"""The few MPI-specific pieces: agreeing on errors, checking replicas, failing fast.
+"""The few MPI-specific pieces: agreeing on errors, checking replicas, ending cleanly.
 
 A Python exception on one rank must not leave the others waiting forever in
 a collective call. ``agree`` runs a check on every rank and turns any rank's
-UserError into the same error everywhere; ``run_or_abort`` ends the whole job
-with ``MPI.Abort`` when a rank fails on its own (the fix ``python -m mpi4py``
-applies).
+clean exit (a UserError, an OutputError, ...) into the same exit everywhere;
+``run_or_abort`` ends the whole job with ``MPI.Abort`` when a rank fails on
+its own (the fix ``python -m mpi4py`` applies); ``finish`` ends a rank within a
+bounded time even when its peers are gone.
 """
 
+import faulthandler
 import hashlib
+import os
 import sys
 import time
 import traceback
 
+from mpi4py import MPI
 
-from distnn.errors import CleanExit, UserError
+from distnn.errors import CleanExit, Diverged, OutputError, Stopped, UserError
 
 EXIT_FAILURE = 1
 ABORT_GRACE_S = 0.3
+FINISH_WAIT_S = 10  # how long a rank waits at the end for its peers before leaving alone
+AGREED = {cls.__name__: cls for cls in (UserError, OutputError, Diverged, Stopped)}
 
 
 def agree(comm, fn, *args):
-    """Run ``fn(*args)`` on every rank; if any rank raises UserError, all raise it.
+    """Run ``fn(*args)`` on every rank; if any rank raises a CleanExit, all raise it.
 
-    The first failing rank's message wins; it names its rank unless that is rank 0
+    The first failing rank's error wins; it names its rank unless that is rank 0
     (which also runs the checks only rank 0 makes) or every rank said the same.
     """
     try:
-        result, message = fn(*args), None
-    except UserError as exc:
-        result, message = None, str(exc)
-    raise_agreed(comm.allgather(message))
+        result, failure = fn(*args), None
+    except CleanExit as exc:
+        result, failure = None, (type(exc).__name__, str(exc))
+    raise_agreed(comm.allgather(failure))
     return result
 
 
-def raise_agreed(messages):
-    """Raise the first rank's error of ``messages`` (one per rank, None for no error) as
-    an agreed UserError, naming the rank unless it is rank 0 or every rank said the same."""
-    for rank, text in enumerate(messages):
-        if text is not None:
-            prefix = "" if rank == 0 or all(m == text for m in messages) else f"rank {rank}: "
-            raise UserError(prefix + text, agreed=True)
+def raise_agreed(failures):
+    """Raise the first rank's failure of ``failures`` (one (kind, message) per rank, None
+    for no failure) as an agreed CleanExit, naming the rank unless it is rank 0 or every
+    rank said the same."""
+    for rank, failure in enumerate(failures):
+        if failure is not None:
+            kind, text = failure
+            prefix = "" if rank == 0 or all(f == failure for f in failures) else f"rank {rank}: "
+            raise AGREED[kind](prefix + text, agreed=True)
 
 
 def params_hash(params):
@@ -66,29 +74,32 @@ def check_replicas(comm, params, when):
 
 
 def run_or_abort(comm, prog, fn):
-    """Run ``fn()``; map failures to one clear line and an exit code, never a hang.
+    """Run ``fn()`` and return the exit code; map failures to one clear line, never a hang.
 
     A CleanExit raised on every rank together (or in a single-rank run) is
-    printed once by rank 0 and every rank exits with its code. One raised on a
+    printed once by rank 0 and every rank returns its code. One raised on a
     single rank, or any other exception (a bug), is printed by the failing rank
     and the whole job is aborted.
     """
     try:
-        return fn()
+        fn()
+        return 0
     except CleanExit as exc:
         if exc.agreed or comm.size == 1:
             if comm.rank == 0:
                 print(f"{prog}: {exc.label}: {exc}", file=sys.stderr, flush=True)
-            sys.exit(exc.exit_code)
+            return exc.exit_code
         print(f"{prog}: {exc.label}: rank {comm.rank}: {exc}", file=sys.stderr, flush=True)
         abort(comm, exc.exit_code)
-    except (SystemExit, KeyboardInterrupt):
+    except SystemExit as exc:  # --help
+        return exc.code or 0
+    except KeyboardInterrupt:
         raise
     except BaseException:
         text = traceback.format_exc()
         print(f"{prog}: rank {comm.rank} failed:\n{text}", file=sys.stderr, flush=True)
         if comm.size == 1:
-            sys.exit(EXIT_FAILURE)
+            return EXIT_FAILURE
         abort(comm, EXIT_FAILURE)
 
 
@@ -99,3 +110,35 @@ def abort(comm, code):
     sys.stderr.flush()
     time.sleep(ABORT_GRACE_S)
     comm.Abort(code)
+
+
+def finish(comm, prog, code, stop):
+    """End this rank with exit ``code`` once the run's outcome is decided on every rank.
+
+    From here on a stop signal is ignored (``stop.ignore()``): the outcome stands.
+    The ranks meet once more, waiting at most FINISH_WAIT_S for each other; a rank
+    whose peers are gone (a killed rank under a launcher that does not end the
+    job) leaves without MPI finalisation, which would wait for them forever.
+    """
+    stop.ignore()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if comm.size > 1 and not all_arrive(comm, FINISH_WAIT_S):
+        print(f"{prog}: warning: rank {comm.rank}: the other ranks did not reach the end "
+              f"within {FINISH_WAIT_S} s; leaving without them", file=sys.stderr, flush=True)
+        os._exit(code)
+    faulthandler.dump_traceback_later(FINISH_WAIT_S, exit=True)  # a peer lost just now
+    MPI.Finalize()
+    faulthandler.cancel_dump_traceback_later()
+    sys.exit(code)
+
+
+def all_arrive(comm, timeout):
+    """A barrier that gives up after ``timeout`` seconds; True if every rank arrived."""
+    request = comm.Ibarrier()
+    deadline = time.monotonic() + timeout
+    while not request.Test():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True

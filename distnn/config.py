@@ -170,7 +170,8 @@ def check(config):
         raise UserError(f"--lr must be a finite number, got {config.lr}")
     if config.keep < 1:
         raise UserError(f"--keep must be at least 1, got {config.keep}")
-    for flag, value in {"--max-steps": config.max_steps, "--val-size": config.val_size,
+    for flag, value in {"--seed": config.seed, "--max-steps": config.max_steps,
+                        "--val-size": config.val_size,
                         "--train-limit": config.train_limit,
                         "--checkpoint-every": config.checkpoint_every,
                         "--log-every": config.log_every}.items():

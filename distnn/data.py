@@ -3,9 +3,15 @@
 Every rank opens the HDF5 file read-only itself. By default a rank holds the
 images it may need in memory as uint8 (the full set: 60,000 x 784 B = 47 MB for
 training plus 7.8 MB for test, about 55 MB per rank); with ``stream=True`` it
-reads only the rows it is given, step by step. Rows are handed out as uint8
-pixels; the trainer scales them. A read that fails (a damaged chunk fails its
-Fletcher-32 checksum) raises a UserError naming the file and the rows.
+reads only the rows it is given, step by step. Labels (1 byte a row) and the
+rows' SHA-256 hashes (32 bytes a row) are always held. Rows are handed out as
+uint8 pixels; the trainer scales them.
+
+Every image row read, at load or step by step, is compared with the SHA-256
+that data_prep recorded for it, and the labels with theirs: a damaged block
+(even one zeroed together with its Fletcher-32 checksum) or a file changed
+while the run reads it raises a UserError naming the file and the rows, as
+does a chunk whose checksum fails.
 """
 
 import hashlib
@@ -16,6 +22,7 @@ import h5py
 import numpy as np
 
 from data_prep import PrepError, schema
+from data_prep.files import reason
 from distnn.errors import UserError
 
 READ_ROWS = 4096  # rows per read when loading into memory
@@ -27,26 +34,32 @@ class Dataset:
     def __init__(self, path, train_limit=0, val_size=0, seed=0, stream=False):
         self.path = Path(path)
         try:
-            sizes = schema.check(self.path)
+            self.file_sizes = schema.check(self.path)
         except PrepError as exc:
             raise UserError(str(exc)) from None
-        n = sizes["train"] if not train_limit else min(train_limit, sizes["train"])
+        available = self.file_sizes["train"]
+        if available == 0:
+            raise UserError(f"{self.path}: holds no training images")
+        n = available if not train_limit else min(train_limit, available)
         if val_size >= n:
             raise UserError(f"--val-size {val_size} leaves no training images out of {n}")
         order = np.random.default_rng(seed).permutation(n)
         self.rows = {"train": np.sort(order[val_size:]), "val": np.sort(order[:val_size]),
-                     "test": np.arange(sizes["test"])}
+                     "test": np.arange(self.file_sizes["test"])}
         self.stream = stream
         self.file = h5py.File(self.path, "r")
+        counts = {"train": n, "test": self.file_sizes["test"]}
+        self.labels = {split: self._load_labels(split)[:count] for split, count in counts.items()}
+        self.row_sha256 = {split: self._load(split, "image_sha256", count)
+                           for split, count in counts.items()}
         self.fingerprint = fingerprint(self.file)
-        self.memory = {}
+        self.images = {}
         if not stream:
-            for split, count in (("train", n), ("test", sizes["test"])):
-                self.memory[split] = (self._load(split, "images", count),
-                                      self._load(split, "labels", count))
-                self._check_labels(split, self.memory[split][1], np.arange(count))
+            for split, count in counts.items():
+                self.images[split] = self._load(split, "images", count)
+                self._check_rows(split, self.images[split], np.arange(count))
             # which pixels are non-zero in each training row, 98 bytes a row
-            self.nonzero_bits = np.packbits(self.memory["train"][0] != 0, axis=1)
+            self.nonzero_bits = np.packbits(self.images["train"] != 0, axis=1)
 
     def close(self):
         self.file.close()
@@ -73,24 +86,36 @@ class Dataset:
         """uint8 images (n, 784) and int64 labels for positions in a split."""
         file_rows = self.rows[split][positions]
         source = "test" if split == "test" else "train"
+        labels = self.labels[source][file_rows].astype(np.int64)
         if not self.stream:
-            images, labels = (a[file_rows] for a in self.memory[source])
-            return images, labels.astype(np.int64)
+            return self.images[source][file_rows], labels
         order = np.argsort(file_rows, kind="stable")
         ascending = file_rows[order]
         images = np.empty((len(file_rows), 784), np.uint8)
-        labels = np.empty(len(file_rows), np.uint8)
         if len(file_rows):
-            images[order] = self._read_rows(source, "images", ascending)
-            labels[order] = self._read_rows(source, "labels", ascending)
-            self._check_labels(source, labels[order], ascending)
-        return images, labels.astype(np.int64)
+            images[order] = self._read_rows(source, ascending)
+        return images, labels
 
-    def _check_labels(self, split, labels, rows):
+    def _load_labels(self, split):
+        """All of a split's labels, checked for range and against their SHA-256."""
+        dataset = self.file[f"{split}/labels"]
+        labels = self._load(split, "labels", len(dataset))
         bad = np.flatnonzero(labels > 9)
         if bad.size:
-            raise UserError(f"{self.path}: /{split}/labels row {int(rows[bad[0]])} holds label "
+            raise UserError(f"{self.path}: /{split}/labels row {int(bad[0])} holds label "
                             f"{int(labels[bad[0]])}, outside 0-9")
+        if schema.labels_sha256(labels) != dataset.attrs["sha256"]:
+            raise UserError(f"{self.path}: /{split}/labels do not match the SHA-256 data_prep "
+                            "recorded for them: the file is damaged")
+        return labels
+
+    def _check_rows(self, split, images, rows):
+        """UserError naming the ``rows`` (ascending) whose ``images`` differ from their SHA-256."""
+        bad = np.flatnonzero((schema.row_sha256(images) != self.row_sha256[split][rows]).any(axis=1))
+        if bad.size:
+            raise UserError(f"{self.path}: /{split}/images {describe_rows(rows[bad])} "
+                            f"{'does' if bad.size == 1 else 'do'} not match the SHA-256 data_prep "
+                            "recorded: the file is damaged or was changed while the run read it")
 
     def _load(self, split, kind, count):
         """Rows 0..count-1 of a dataset, read piece by piece."""
@@ -113,14 +138,14 @@ class Dataset:
                 dataset[start:stop]
             except (OSError, ValueError) as exc:
                 raise UserError(f"{self.path}: cannot read {dataset.name} rows "
-                                f"{start}-{stop - 1}: {short(exc)}") from None
+                                f"{start}-{stop - 1}: {reason(exc)}") from None
         raise UserError(f"{self.path}: cannot read {dataset.name} rows {lo}-{hi - 1}")
 
-    def _read_rows(self, split, kind, rows):
-        """Given rows (ascending), read chunk by chunk: one contiguous slice per chunk
-        holding any of them (far faster than HDF5's selection of scattered rows).
-        On failure, name the file and the rows of the chunk that cannot be read."""
-        dataset = self.file[f"{split}/{kind}"]
+    def _read_rows(self, split, rows):
+        """Given image rows (ascending), read chunk by chunk: one contiguous slice per chunk
+        holding any of them (far faster than HDF5's selection of scattered rows), and
+        check them against their SHA-256. On failure, name the file and the rows."""
+        dataset = self.file[f"{split}/images"]
         height = dataset.chunks[0] if dataset.chunks else len(rows) or 1
         out = np.empty((len(rows), *dataset.shape[1:]), dataset.dtype)
         chunk_of = rows // height
@@ -130,26 +155,29 @@ class Dataset:
             try:
                 block = dataset[first:first + height]
             except (OSError, ValueError) as exc:
-                raise UserError(f"{self.path}: cannot read {dataset.name} rows "
-                                f"{describe_rows(rows[group])}: {short(exc)}") from None
+                raise UserError(f"{self.path}: cannot read {dataset.name} "
+                                f"{describe_rows(rows[group])}: {reason(exc)}") from None
             out[group] = block[rows[group] - first]
+        self._check_rows(split, out, rows)
         return out
 
 
-def short(exc):
-    """The first line of an HDF5 error, which can run to many lines."""
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-
-
 def describe_rows(rows):
+    """'row 7', 'rows 7, 9', or 'rows 1, 2, 3, 4, 5, ... (16 rows)'."""
     rows = np.asarray(rows)
+    if len(rows) == 1:
+        return f"row {int(rows[0])}"
     text = ", ".join(str(r) for r in rows[:5])
-    return text + (f", ... ({len(rows)} rows)" if len(rows) > 5 else "")
+    return "rows " + text + (f", ... ({len(rows)} rows)" if len(rows) > 5 else "")
 
 
 def fingerprint(f):
-    """SHA-256 identifying a data file's content: its sources' hashes and its shapes."""
+    """SHA-256 identifying a data file's content: its attributes, shapes and content hashes
+    (the labels' SHA-256 and a SHA-256 over the image rows' SHA-256s)."""
     ident = {key: str(value) for key, value in f.attrs.items()}
-    ident.update({name: list(f[name].shape) for name in
-                  ("train/images", "train/labels", "test/images", "test/labels")})
+    for split in schema.SPLITS:
+        ident.update({f"{split}/{kind}": list(f[f"{split}/{kind}"].shape)
+                      for kind in ("images", "labels")})
+        ident[f"{split}/labels sha256"] = str(f[f"{split}/labels"].attrs["sha256"])
+        ident[f"{split}/image_sha256"] = hashlib.sha256(f[f"{split}/image_sha256"][...]).hexdigest()
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()

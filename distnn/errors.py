@@ -1,8 +1,10 @@
 """Ways a run ends early on purpose: one line on rank 0 and a documented exit code.
 
 Exit codes: 0 finished; 1 crashed (a bug or a lost rank; traceback shown);
-2 bad input or settings; 3 training diverged; 75 stopped by SIGTERM/SIGUSR1
-after writing a checkpoint (resume with --resume).
+2 bad input or settings (flags, the data file, the output folder); 3 training
+diverged; 74 an output could not be written during the run (disk full, I/O
+error); 75 stopped by SIGTERM/SIGUSR1 after writing a checkpoint (resume with
+--resume).
 """
 
 import sys
@@ -41,6 +43,11 @@ class UserError(CleanExit):
 class Diverged(CleanExit):
     """The loss or gradients became NaN or infinite."""
     exit_code = 3
+
+
+class OutputError(CleanExit):
+    """Writing an output failed during the run; the last good checkpoint is kept."""
+    exit_code = 74
 
 
 class Stopped(CleanExit):

@@ -2,25 +2,39 @@
 
 model.h5 and summary.json are written under a temporary name, fsync'd and
 renamed (and the folder fsync'd), so a reader or a crash never sees half a
-file. metrics.jsonl grows by one flushed line per epoch; a resumed run rewrites
-it atomically from its checkpoint's history.
+file. metrics.jsonl grows by one whole, fsync'd line per epoch (a line that
+cannot be written whole is cut off again); a resumed run rewrites it
+atomically from its checkpoint's history. A write that fails (a full disk, an
+I/O error) raises an OutputError naming the file.
 """
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from data_prep.files import atomic_write
-from distnn.errors import UserError
+from data_prep.files import atomic_write, reason
+from distnn import activations, losses
+from distnn.errors import OutputError, UserError
+
+
+@contextmanager
+def writing(path):
+    """Turn a failure to write ``path`` into an OutputError naming it."""
+    try:
+        yield
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {reason(exc)}") from None
 
 
 def write_json(path, obj):
     def write(tmp):
         Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    atomic_write(path, write)
+    with writing(path):
+        atomic_write(path, write)
 
 
 def save_model(path, params, layers, activation, loss, positive_digit=None):
@@ -37,7 +51,8 @@ def save_model(path, params, layers, activation, loss, positive_digit=None):
             for i, (W, b) in enumerate(params):
                 f[f"layers/{i}/W"] = W
                 f[f"layers/{i}/b"] = b
-    atomic_write(path, write)
+    with writing(path):
+        atomic_write(path, write)
 
 
 def load_model(path, dtype=None):
@@ -49,6 +64,7 @@ def load_model(path, dtype=None):
                      "dtype": str(f.attrs["dtype"]),
                      "positive_digit": int(f.attrs["positive_digit"])
                      if "positive_digit" in f.attrs else None}
+            check_model_attrs(path, attrs)
             params = []
             for i in range(len(attrs["layers"]) - 1):
                 W = f[f"layers/{i}/W"][...]
@@ -63,6 +79,18 @@ def load_model(path, dtype=None):
     return params, attrs
 
 
+def check_model_attrs(path, attrs):
+    """UserError unless the model's activation, loss and dtype are ones distnn computes."""
+    known = {"activation": list(activations.ACTIVATIONS), "loss": list(losses.LOSSES),
+             "dtype": ["float32", "float64"]}
+    for key, names in known.items():
+        if attrs[key] not in names:
+            raise UserError(f"{path}: unknown {key} {attrs[key]!r} (distnn knows "
+                            f"{', '.join(names)})")
+    if len(attrs["layers"]) < 2 or min(attrs["layers"]) < 1:
+        raise UserError(f"{path}: layers {attrs['layers']} are not a network")
+
+
 class MetricsLog:
     """One JSON object per epoch in metrics.jsonl, each line flushed and fsync'd."""
 
@@ -73,10 +101,23 @@ class MetricsLog:
         """Replace the file with ``records`` (a resumed run drops lines past its checkpoint)."""
         def write(tmp):
             Path(tmp).write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
-        atomic_write(self.path, write)
+        with writing(self.path):
+            atomic_write(self.path, write)
 
     def append(self, record):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        """Add one line, whole or not at all."""
+        line = (json.dumps(record, sort_keys=True) + "\n").encode()
+        with writing(self.path):
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            try:
+                size = os.fstat(fd).st_size
+                try:
+                    written = 0
+                    while written < len(line):
+                        written += os.write(fd, line[written:])
+                    os.fsync(fd)
+                except OSError:
+                    os.ftruncate(fd, size)
+                    raise
+            finally:
+                os.close(fd)

@@ -30,7 +30,7 @@ from data_prep.files import atomic_write
 from distnn import model, outputs
 from distnn.config import DEFAULT_DATA
 from distnn.data import Dataset
-from distnn.errors import UserError, cli
+from distnn.errors import OutputError, UserError, cli
 from distnn.plot import PlotError, need_matplotlib
 from distnn.step import predict, task_labels
 
@@ -73,9 +73,7 @@ def read_image(path, invert):
             image = read_pgm(path)
         else:
             plt = need_matplotlib()
-            image = plt.imread(path).astype(np.float64)
-            image = image[..., :3].mean(axis=-1) if image.ndim == 3 else image
-            image = image * 255.0 if image.max() <= 1.0 else image
+            image = grey(plt.imread(path).astype(np.float64))
     except (OSError, ValueError, IndexError, SyntaxError) as exc:
         raise UserError(f"{path}: cannot read the image ({exc})") from None
     except PlotError as exc:
@@ -83,9 +81,27 @@ def read_image(path, invert):
     if image.shape != (SIDE, SIDE):
         raise UserError(f"{path}: image is {image.shape[1]}x{image.shape[0]} pixels, "
                         f"expected {SIDE}x{SIDE} like MNIST")
+    if image.max() - image.min() < 1:
+        raise UserError(f"{path}: the image is blank (one grey level{alpha_note(path)}); "
+                        "nothing to recognise")
     if invert == "auto" and image.mean() > 127:
         image = 255.0 - image
     return np.clip(np.rint(image), 0, 255).astype(np.uint8).reshape(PIXELS)
+
+
+def grey(image):
+    """A PNG's pixels (matplotlib's 0..1 floats, or integers) as grey levels 0..255, any
+    transparency composited over white, as a viewer shows the image on a light page."""
+    image = image * 255.0 if image.max() <= 1.0 else image
+    if image.ndim == 2:
+        return image
+    colour, alpha = (image[..., :-1], image[..., -1:] / 255.0) if image.shape[-1] in (2, 4) \
+        else (image, 1.0)
+    return (colour * alpha + 255.0 * (1 - alpha)).mean(axis=-1)
+
+
+def alpha_note(path):
+    return " after compositing its transparency over white" if Path(path).suffix.lower() == ".png" else ""
 
 
 def load_inputs(args):
@@ -102,6 +118,8 @@ def load_inputs(args):
     data = Dataset(args.data)
     images, labels = data.get("test", np.arange(data.size("test")))
     data.close()
+    if not len(images):
+        raise UserError(f"{args.data}: holds no test images to predict; give --images or --csv")
     return images, labels, None
 
 
@@ -111,7 +129,8 @@ def write_predictions(path, guesses, values, with_probabilities):
     def write(tmp):
         with gzip.open(tmp, "wt") as f:
             f.write("\n".join(lines) + "\n")
-    atomic_write(path, write)
+    with outputs.writing(path):
+        atomic_write(path, write)
 
 
 def show_digits(path, images, labels, captions, probs, guesses, names, count, seed):
@@ -236,7 +255,7 @@ def main(argv=None):
     p.add_argument("--no-invert", dest="invert", action="store_const", const="no", default="auto",
                    help="do not invert images with a light background")
     args = p.parse_args(argv)
-    return cli("distnn.predict", lambda: run(args), (UserError, PlotError, OSError))
+    return cli("distnn.predict", lambda: run(args), (UserError, OutputError, PlotError, OSError))
 
 
 if __name__ == "__main__":

@@ -46,23 +46,6 @@ def check_same_settings(comm, cfg, fingerprint):
                             f"(rank 0 -> rank {rank}): {', '.join(diffs)}", agreed=True)
 
 
-def prepare_out(cfg, comm):
-    """Create the output folder on rank 0; refuse one holding a run unless resuming it."""
-    if comm.rank != 0:
-        return
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: exists and is not a folder")
-    held = [n for n in ("summary.json", "metrics.jsonl", "checkpoints") if (out / n).exists()]
-    if held and not cfg.resume:
-        raise UserError(f"--out {out}: already holds a run; add --resume to continue it "
-                        "or choose another folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"--out {out}: cannot create: {exc.strerror or exc}") from None
-
-
 def initial_params(cfg):
     """Random init, or the parameters of ``--init`` (which must match ``--layers``)."""
     if not cfg.init:
@@ -72,6 +55,13 @@ def initial_params(cfg):
         raise UserError(f"--init {cfg.init}: its layers {fmt(attrs['layers'])} "
                         f"do not match --layers {fmt(cfg.layers)}")
     return params
+
+
+def note_train_limit(cfg, data):
+    """Say once when --train-limit asks for more training images than the file holds."""
+    if cfg.train_limit > data.file_sizes["train"]:
+        warn(f"--train-limit {cfg.train_limit}: {cfg.data} holds only "
+             f"{data.file_sizes['train']} training images; using all of them")
 
 
 def warn(message):

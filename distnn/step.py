@@ -12,6 +12,7 @@ import numpy as np
 from mpi4py import MPI
 
 from distnn import losses, model
+from distnn.comm import agree
 
 EVAL_BLOCK = 250  # rows per evaluation block: fixed, so metrics do not depend on P
 N_STATS = 2       # per training row: loss, correct
@@ -64,7 +65,9 @@ def share(data, split, positions, block_size, cfg, comm, dtype):
     whole blocks."""
     n_blocks = -(-len(positions) // block_size)
     lo, hi = block_range(n_blocks, comm.size, comm.rank)
-    images, labels = data.get(split, positions[lo * block_size:hi * block_size])
+    mine = positions[lo * block_size:hi * block_size]
+    # a streamed read can find damaged or changed rows on one rank: all ranks end together
+    images, labels = agree(comm, data.get, split, mine) if data.stream else data.get(split, mine)
     return (*stack_blocks(images, task_labels(labels, cfg.positive_digit), hi - lo,
                           block_size, cfg.layers[-1], dtype),
             n_blocks * block_size)
@@ -76,7 +79,8 @@ def local_share(data, batch, cfg, comm):
 
 
 def as_blocks(a, block_size):
-    return a.reshape(-1, block_size, a.shape[-1])
+    """Rows (n, w) as (n / block_size, block_size, w); w may be 0 (a batch of blank images)."""
+    return a.reshape(len(a) // block_size, block_size, a.shape[-1])
 
 
 def scaled_blocks(pixels, dtype, block_size):

@@ -5,7 +5,12 @@ then per epoch one exact step per global mini-batch (:mod:`distnn.step`), an
 evaluation, and rank 0's log line, metrics record and checkpoint.
 """
 
-import datetime
+if __name__ == "__main__":
+    # python -m distnn.train: catch SIGTERM/SIGUSR1 from the first line on, before the
+    # slow imports below (numpy, h5py, MPI_Init), so a stop signal never kills a rank
+    from distnn.stop import REQUEST as _STOP
+    _STOP.install()
+
 import json
 import os
 import signal
@@ -17,15 +22,15 @@ import numpy as np
 from mpi4py import MPI
 from threadpoolctl import threadpool_limits
 
-from distnn import checkpoint, outputs, startup
+from distnn import checkpoint, outputs, rundir, startup
 from distnn import comm as dcomm
 from distnn import config as dconfig
 from distnn.data import Dataset
-from distnn.errors import Diverged, Stopped, UserError
+from distnn.errors import Diverged, OutputError, Stopped, UserError
 from distnn.exact import ExactGradients, ExactSum, NonFiniteError
 from distnn.progress import Progress
 from distnn.step import N_EVAL_STATS, N_STATS, BatchColumns, evaluate, local_share, train_step
-from distnn.stop import StopRequest
+from distnn.stop import REQUEST
 
 PROG = startup.PROG
 
@@ -81,14 +86,21 @@ def log_line(record, cfg):
             f"{record['samples_per_s']:.0f} samples/s")
 
 
+def on_rank0(comm, fn, *args):
+    """``fn(*args)`` on rank 0 (its writes), agreed: when it fails (an OutputError for a
+    file that cannot be written), every rank ends with its error. Returns rank 0's result."""
+    return comm.bcast(dcomm.agree(comm, lambda: fn(*args) if comm.rank == 0 else None), root=0)
+
+
 def run(cfg, comm=MPI.COMM_SELF, stop=None):
-    """Train with ``cfg`` on ``comm``; return (params, summary). Rank 0 writes ``cfg.out``
-    and, unless ``cfg.quiet``, prints the configuration, progress and one line per epoch.
+    """Train with ``cfg`` on ``comm``; return (params, summary). Rank 0 claims and writes
+    ``cfg.out`` (a new ``runs/<timestamp>`` when empty) and, unless ``cfg.quiet``, prints
+    the configuration, progress and one line per epoch.
 
     ``stop`` (a :class:`distnn.stop.StopRequest`) makes every rank stop after
     the step in which any rank received SIGTERM or SIGUSR1.
     """
-    size, rank = comm.size, comm.rank
+    size = comm.size
     full_blocks = -(-cfg.batch_size // cfg.block_size)
     if full_blocks < size:
         fix = (f"lower --block-size to at most {cfg.batch_size // size} or raise --batch-size"
@@ -97,38 +109,70 @@ def run(cfg, comm=MPI.COMM_SELF, stop=None):
                         f"{full_blocks} blocks per step for {size} ranks; {fix}", agreed=True)
     dcomm.agree(comm, startup.prepare_default_data, cfg, comm)
     data = dcomm.agree(comm, Dataset, cfg.data, cfg.train_limit, cfg.val_size, cfg.seed, cfg.stream)
-    startup.check_same_settings(comm, cfg, data.fingerprint)
-    params = dcomm.agree(comm, startup.initial_params, cfg)
-    dcomm.agree(comm, startup.prepare_out, cfg, comm)
-    resumed = dcomm.agree(comm, startup.resume_state, cfg, data.fingerprint, comm)
-    initial = [(W.copy(), b.copy()) for W, b in params]  # share_state may overwrite params
-    state = startup.share_state(comm, resumed, params)
-    eval_reducer = ExactSum([N_EVAL_STATS], comm)
-    if not state.history or state.history[0]["epoch"] != 0:
-        # the baseline, epoch 0: for a fresh run, or a checkpoint written before runs had one
-        state.history.insert(0, initial_record(startup.shared(comm, initial), cfg, data, comm,
-                                               eval_reducer))
-    out, config_json = Path(cfg.out), cfg.to_json()
-    metrics_log = outputs.MetricsLog(out / "metrics.jsonl")
+    try:
+        startup.check_same_settings(comm, cfg, data.fingerprint)
+        if comm.rank == 0:
+            startup.note_train_limit(cfg, data)
+        params = dcomm.agree(comm, startup.initial_params, cfg)
+        folder = dcomm.agree(comm, lambda: rundir.claim(cfg.out, cfg.resume) if comm.rank == 0
+                             else None)
+        cfg.out = comm.bcast(str(folder.path) if folder else None, root=0)
+        try:
+            return train(cfg, comm, data, params, folder, stop)
+        finally:
+            if folder:
+                folder.release()
+    finally:
+        data.close()
+
+
+def train(cfg, comm, data, params, folder, stop):
+    """The run itself, in the claimed ``folder`` (rank 0's; None on the others)."""
+    try:
+        resumed = dcomm.agree(comm, startup.resume_state, cfg, data.fingerprint, comm)
+        initial = [(W.copy(), b.copy()) for W, b in params]  # share_state may overwrite params
+        state = startup.share_state(comm, resumed, params)
+        eval_reducer = ExactSum([N_EVAL_STATS], comm)
+        if not state.history or state.history[0]["epoch"] != 0:
+            # the baseline, epoch 0: for a fresh run, or a checkpoint written before runs had one
+            state.history.insert(0, initial_record(startup.shared(comm, initial), cfg, data, comm,
+                                                   eval_reducer))
+        out, config_json = Path(cfg.out), cfg.to_json()
+        metrics_log = outputs.MetricsLog(out / "metrics.jsonl")
+        on_rank0(comm, lambda: (metrics_log.rewrite(state.history),
+                                outputs.write_json(out / "config.json", json.loads(config_json))))
+    except BaseException:
+        if folder:
+            folder.discard()  # failed before its first step: leave no trace of a new folder
+        raise
+    try:
+        return train_steps(cfg, comm, data, state, metrics_log, config_json, eval_reducer, stop)
+    except OutputError as exc:
+        raise OutputError(f"{exc}; the checkpoints written so far are intact: continue with "
+                          f"--resume --out {cfg.out} once it can be written",
+                          agreed=exc.agreed) from None
+
+
+def train_steps(cfg, comm, data, state, metrics_log, config_json, eval_reducer, stop):
+    """Epochs of exact steps from ``state`` on; rank 0 logs, records and checkpoints."""
+    size, rank = comm.size, comm.rank
+    out = Path(cfg.out)
     steps_per_epoch = -(-data.size("train") // cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     total_steps = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     progress = Progress(total_steps, cfg.log_every, cfg.quiet, enabled=rank == 0, start=state.step)
-    if rank == 0:
-        metrics_log.rewrite(state.history)
-        outputs.write_json(out / "config.json", json.loads(config_json))
-        if not cfg.quiet:
-            print(f"{PROG}: {size} rank{'s' if size > 1 else ''}, {data.size('train')} training / "
-                  f"{data.size('val')} validation / {data.size('test')} test images\n"
-                  f"{cfg.describe()}", flush=True)
-            if state.step == 0:
-                progress.write(log_line(state.history[0], cfg))
+    if rank == 0 and not cfg.quiet:
+        print(f"{PROG}: {size} rank{'s' if size > 1 else ''}, {data.size('train')} training / "
+              f"{data.size('val')} validation / {data.size('test')} test images\n"
+              f"{cfg.describe()}", flush=True)
+        if state.step == 0:
+            progress.write(log_line(state.history[0], cfg))
 
     def save_checkpoint():
-        """Rank 0 writes ``state``; every rank first checks the parameters are finite."""
+        """Rank 0 writes ``state`` (agreed); every rank first checks the parameters are finite."""
         check_finite(state)
-        if rank == 0:
-            return checkpoint.save(out / "checkpoints", state, config_json, data.fingerprint, cfg.keep)
+        return on_rank0(comm, checkpoint.save, out / "checkpoints", state, config_json,
+                        data.fingerprint, cfg.keep)
 
     reducer = ExactGradients(cfg.layers, N_STATS, comm, dtype=cfg.np_dtype)
     batch_columns = BatchColumns(cfg.layers[0], comm)
@@ -159,7 +203,7 @@ def run(cfg, comm=MPI.COMM_SELF, stop=None):
             progress.update(state.step, state.epoch, stats[0] / len(batch), len(batch))
             signum = reducer.carried  # the stop signal of any rank, agreed in the step
             if signum:
-                path = comm.bcast(save_checkpoint(), root=0)
+                path = save_checkpoint()
                 raise Stopped(f"{signal.Signals(signum).name} received: stopped after step "
                               f"{state.step}, checkpoint {path}; continue with --resume "
                               f"--out {cfg.out}", agreed=True)
@@ -178,10 +222,9 @@ def run(cfg, comm=MPI.COMM_SELF, stop=None):
         record = epoch_record(state, cfg, data, comm, eval_reducer, timers, seconds,
                               state.seen - seen_before)
         record["elapsed_s"] = round(time.perf_counter() - start, 3)
-        if rank == 0:
-            metrics_log.append(record)
-            if not cfg.quiet:
-                progress.write(log_line(record, cfg))
+        on_rank0(comm, metrics_log.append, record)
+        if rank == 0 and not cfg.quiet:
+            progress.write(log_line(record, cfg))
         if not finished:
             break
         state.history.append(record)
@@ -194,19 +237,16 @@ def run(cfg, comm=MPI.COMM_SELF, stop=None):
         # that epoch's record (the same numbers as before) closes the run again
         record = epoch_record(state, cfg, data, comm, eval_reducer,
                               dict(compute=0.0, comm=0.0, data=0.0), 0.0, 0)
-        if rank == 0:
-            metrics_log.append(record)
-    data.close()
+        on_rank0(comm, metrics_log.append, record)
     summary = {"world_size": size, "steps": state.step, "epochs": record["epoch"],
                "params_sha256": dcomm.params_digest(state.params),
                "train_loss": record["train_loss"], "val_acc": record.get("val_acc"),
                "test_acc": record.get("test_acc"),
                "samples_per_s": trained / train_seconds if trained else record.get("samples_per_s"),
                "wall_s": time.perf_counter() - start}
-    if rank == 0:
-        outputs.save_model(out / "model.h5", state.params, cfg.layers, cfg.activation, cfg.loss,
-                           cfg.positive_digit)
-        outputs.write_json(out / "summary.json", summary)
+    on_rank0(comm, lambda: (outputs.save_model(out / "model.h5", state.params, cfg.layers,
+                                               cfg.activation, cfg.loss, cfg.positive_digit),
+                            outputs.write_json(out / "summary.json", summary)))
     return state.params, summary
 
 
@@ -229,21 +269,17 @@ def parse(argv, comm):
     except SystemExit as exc:  # --help
         outcome = exc.code or 0
     outcomes = comm.allgather(outcome if not isinstance(outcome, dconfig.Config) else None)
-    dcomm.raise_agreed([o if isinstance(o, str) else None for o in outcomes])
+    dcomm.raise_agreed([("UserError", o) if isinstance(o, str) else None for o in outcomes])
     if any(isinstance(o, int) for o in outcomes):
         raise SystemExit(0)
-    cfg = outcome
-    if not cfg.out:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        cfg.out = comm.bcast(str(Path("runs") / stamp) if comm.rank == 0 else None, root=0)
-    return cfg
+    return outcome
 
 
 def main(argv=None):
+    stop = REQUEST.install()  # again: MPI_Init may have put MPICH's own SIGUSR1 handler first
     threadpool_limits(limits=1, user_api="blas")
     np.seterr(all="ignore")  # NaN and infinity are detected and reported as divergence
     comm = MPI.COMM_WORLD
-    stop = StopRequest().install()
 
     def go():
         cfg = parse(argv, comm)
@@ -253,7 +289,7 @@ def main(argv=None):
             print(f"{PROG}: done: {acc}params_sha256 {summary['params_sha256']}  -> {cfg.out}",
                   flush=True)
 
-    dcomm.run_or_abort(comm, PROG, go)
+    dcomm.finish(comm, PROG, dcomm.run_or_abort(comm, PROG, go), stop)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,20 @@
 """Shared fixtures and helpers: the prepared MNIST file, the MPI launcher, running
-the project's modules, reading a run's results, waiting without fixed sleeps."""
+the project's modules, reading a run's results, waiting without fixed sleeps,
+finding a run's rank processes and signalling them at a moment of the test's
+choosing, and the Slurm cluster."""
 
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,3 +91,136 @@ def wait_for(predicate, timeout, what, every=0.02):
             return result
         time.sleep(every)
     pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def write_data(path, train_images, train_labels, test_images, test_labels):
+    """A valid prepared data file (schema 2, hashes included) holding these arrays."""
+    from data_prep import schema
+    arrays = {("train", "images"): train_images, ("train", "labels"): train_labels,
+              ("test", "images"): test_images, ("test", "labels"): test_labels}
+    schema.write(path, arrays, {key: (f"{key[0]}-{key[1]}", "0" * 64) for key in arrays})
+    return path
+
+
+def mnist_arrays(path, n_train=None, n_test=None):
+    """(train images, train labels, test images, test labels) of a prepared file."""
+    with h5py.File(path, "r") as f:
+        return (f["train/images"][:n_train], f["train/labels"][:n_train],
+                f["test/images"][:n_test], f["test/labels"][:n_test])
+
+
+def zero_chunk(path, dataset, index):
+    """Zero one stored chunk of ``dataset`` on disk, its Fletcher-32 checksum included
+    (the checksum of zeros is zero, so HDF5 still reads it); return its first row."""
+    with h5py.File(path, "r") as f:
+        info = f[dataset].id.get_chunk_info(index)
+    with open(path, "r+b") as f:
+        f.seek(info.byte_offset)
+        f.write(bytes(info.size))
+    return info.chunk_offset[0]
+
+
+# -- rank processes and signals ------------------------------------------------------
+
+def rank_pids(out):
+    """PIDs of the Python rank processes of the run writing to ``out``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if (entry.name.isdigit() and Path(argv[0].decode()).name.startswith("python")
+                and b"distnn.train" in argv and str(out).encode() in argv):
+            pids.append(int(entry.name))
+    return pids
+
+
+def proc_status(pid, field):
+    """A field of /proc/<pid>/status (None once the process is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        return None
+    return None
+
+
+def has_signal(pid, field, signum):
+    """Whether ``signum`` is in a signal mask of /proc/<pid>/status (SigCgt: caught;
+    ShdPnd/SigPnd: pending)."""
+    mask = proc_status(pid, field)
+    return mask is not None and bool(int(mask, 16) >> (signum - 1) & 1)
+
+
+def catching_ranks(out, ranks):
+    """The ``ranks`` rank PIDs of the run on ``out`` once each catches SIGTERM and SIGUSR1
+    (distnn.train's first lines ran), else None."""
+    pids = rank_pids(out)
+    if len(pids) == ranks and all(has_signal(p, "SigCgt", s) for p in pids
+                                  for s in (signal.SIGTERM, signal.SIGUSR1)):
+        return pids
+    return None
+
+
+@contextmanager
+def frozen(pids):
+    """The processes stopped (SIGSTOP) inside the block and continued after it."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: all((proc_status(p, "State") or "T").startswith("T") for p in pids),
+                 30, "the ranks to stop")
+        yield
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+
+def deliver_while_frozen(pids, send, signum):
+    """Stop the ranks, ``send()`` ``signum`` (to them or to their launcher), wait until it is
+    pending in every rank, then let them go on: the signal lands at this exact point of the
+    run, however loaded the machine, instead of wherever the run has got to by then."""
+    with frozen(pids):
+        for pid in pids:
+            assert all(has_signal(pid, "SigCgt", s) for s in (signal.SIGTERM, signal.SIGUSR1)), \
+                f"rank process {pid} does not catch SIGTERM and SIGUSR1 here: they would kill it"
+        send()
+        wait_for(lambda: all(has_signal(p, "ShdPnd", signum) or has_signal(p, "SigPnd", signum)
+                             for p in pids), 60, f"signal {signum} to reach every rank")
+
+
+# -- Slurm ---------------------------------------------------------------------------
+
+def slurm_problem():
+    """Why no Slurm cluster can run jobs here, or None if one can."""
+    try:
+        done = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
+    except FileNotFoundError:
+        return "sinfo not found (no Slurm client installed)"
+    except subprocess.TimeoutExpired:
+        return "sinfo timed out"
+    if done.returncode != 0:
+        return f"no Slurm controller reachable ({done.stderr.strip()})"
+    if not any(s in done.stdout for s in ("idle", "mixed", "allocated", "completing")):
+        return f"no usable Slurm node (states: {done.stdout.split()})"
+    return None
+
+
+def need_slurm():
+    """Skip the calling test without a usable cluster (fail instead with DISTNN_REQUIRE_SLURM=1)."""
+    problem = slurm_problem()
+    if problem:
+        hint = "; start one with: launch/slurm/local-cluster.sh start"
+        if os.environ.get("DISTNN_REQUIRE_SLURM") == "1":
+            pytest.fail(problem + hint)
+        pytest.skip(problem + hint)
+
+
+def need_root(why):
+    if os.geteuid() != 0:
+        pytest.skip(f"needs root to {why}")

@@ -1,4 +1,4 @@
-"""python -m data_prep: the real MNIST into schema-1 HDF5, and every bad input refused cleanly."""
+"""python -m data_prep: the real MNIST into schema-2 HDF5, and every bad input refused cleanly."""
 
 import gzip
 import hashlib
@@ -76,7 +76,7 @@ def expect_error(capsys, argv, *fragments, out=None):
 def test_bundled_mnist_matches_idx_payloads(mnist_h5):
     sums = known_sums()
     with h5py.File(mnist_h5, "r") as f:
-        assert f.attrs["schema_version"] == 1
+        assert f.attrs["schema_version"] == 2
         assert tuple(f.attrs["image_shape"]) == (28, 28)
         for (split, kind), name in IDX_NAMES.items():
             ds = f[f"{split}/{kind}"]
@@ -84,6 +84,13 @@ def test_bundled_mnist_matches_idx_payloads(mnist_h5):
             expected = hashlib.sha256(bundled_payload(split, kind)).hexdigest()
             assert hashlib.sha256(ds[...].tobytes()).hexdigest() == expected
             assert f.attrs[f"sha256_{split}_{kind}"] == sums[name]
+            if kind == "labels":
+                assert ds.attrs["sha256"] == hashlib.sha256(bundled_payload(split, kind)).hexdigest()
+            else:  # the SHA-256 of each row, computed independently here
+                rows = bundled_payload(split, kind)
+                hashes = f[f"{split}/image_sha256"]
+                for i in (0, 1, 12345 % len(ds), len(ds) - 1):
+                    assert hashes[i].tobytes() == hashlib.sha256(rows[784 * i:784 * (i + 1)]).digest()
         assert f["train/images"].shape == (60000, 784)
         assert f["test/images"].shape == (10000, 784)
         assert f["train/images"].chunks == (16, 784) and f["train/images"].fletcher32

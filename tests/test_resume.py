@@ -13,7 +13,8 @@ from pathlib import Path
 import h5py
 import pytest
 
-from conftest import ROOT, find_mpirun, launch_train, run_env, run_result, wait_for
+from conftest import (ROOT, deliver_while_frozen, find_mpirun, frozen, launch_train, rank_pids,
+                      run_env, run_result, wait_for)
 from distnn import checkpoint
 
 ARGS = ["--train-limit", "3200", "--val-size", "200", "--epochs", "4", "--layers", "784,64,10",
@@ -27,22 +28,10 @@ def start_train(args, ranks):
                             stderr=subprocess.PIPE, text=True)
 
 
-def has_checkpoint(out):
-    return lambda: bool(checkpoint.listing(Path(out) / "checkpoints"))
-
-
-def rank_pids(out):
-    """PIDs of the Python rank processes of the run writing to ``out``."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if (entry.name.isdigit() and Path(argv[0].decode()).name.startswith("python")
-                and b"distnn.train" in argv and str(out).encode() in argv):
-            pids.append(int(entry.name))
-    return pids
+def ranks_at_first_checkpoint(out, ranks):
+    """The run's rank PIDs once its first checkpoint exists."""
+    wait_for(lambda: checkpoint.listing(Path(out) / "checkpoints"), 60, "the first checkpoint")
+    return wait_for(lambda: len(rank_pids(out)) == ranks and rank_pids(out), 60, "the ranks")
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +44,8 @@ def reference(mnist_h5, tmp_path_factory):
 
 def test_sigterm_on_4_ranks_then_resume_on_1(reference, mnist_h5, tmp_path):
     job = start_train(["--data", mnist_h5, "--out", tmp_path, *ARGS], ranks=4)
-    wait_for(has_checkpoint(tmp_path), 60, "the first checkpoint")
-    job.send_signal(signal.SIGTERM)
+    pids = ranks_at_first_checkpoint(tmp_path, 4)
+    deliver_while_frozen(pids, lambda: job.send_signal(signal.SIGTERM), signal.SIGTERM)
     _, err = job.communicate(timeout=60)
     assert job.returncode == EXIT_STOPPED, err
     assert "SIGTERM received: stopped after step" in err and f"--resume --out {tmp_path}" in err
@@ -70,8 +59,9 @@ def test_sigterm_on_4_ranks_then_resume_on_1(reference, mnist_h5, tmp_path):
 
 def test_sigusr1_to_one_rank_stops_all(mnist_h5, tmp_path):
     job = start_train(["--data", mnist_h5, "--out", tmp_path, *ARGS], ranks=2)
-    wait_for(has_checkpoint(tmp_path), 60, "the first checkpoint")
-    os.kill(rank_pids(tmp_path)[-1], signal.SIGUSR1)
+    pids = ranks_at_first_checkpoint(tmp_path, 2)
+    with frozen(pids):
+        os.kill(pids[-1], signal.SIGUSR1)  # to one rank only; the step's agreement tells the rest
     _, err = job.communicate(timeout=60)
     assert job.returncode == EXIT_STOPPED, err
     assert "SIGUSR1 received" in err
@@ -80,9 +70,9 @@ def test_sigusr1_to_one_rank_stops_all(mnist_h5, tmp_path):
 @pytest.mark.parametrize("ranks, resume_ranks", [(2, 3), (4, 1)])
 def test_killed_rank_ends_job_and_resume_matches(reference, mnist_h5, tmp_path, ranks, resume_ranks):
     job = start_train(["--data", mnist_h5, "--out", tmp_path, *ARGS], ranks=ranks)
-    wait_for(has_checkpoint(tmp_path), 60, "the first checkpoint")
+    pids = ranks_at_first_checkpoint(tmp_path, ranks)
     killed_at = time.monotonic()
-    os.kill(rank_pids(tmp_path)[0], signal.SIGKILL)
+    os.kill(pids[0], signal.SIGKILL)
     job.communicate(timeout=60)
     assert time.monotonic() - killed_at < 60
     assert job.returncode != 0
@@ -213,7 +203,7 @@ def test_unreadable_rows_are_named_mid_run_and_at_load(mnist_h5, tmp_path):
             "--layers", "784,8,10", "--batch-size", "64", "--checkpoint-every", "0"]
     streamed = launch_train([*args, "--stream", "--out", tmp_path / "s"], ranks=2, timeout=120)
     assert streamed.returncode == 2, streamed.stderr
-    named = re.search(rf"{re.escape(str(damaged))}: cannot read /train/images rows ([\d, ]+)",
+    named = re.search(rf"{re.escape(str(damaged))}: cannot read /train/images rows? ([\d, ]+)",
                       streamed.stderr)
     assert named, streamed.stderr
     rows = [int(r) for r in named.group(1).split(",") if r.strip()]
@@ -241,3 +231,20 @@ def test_resume_from_a_checkpoint_without_the_epoch_0_record(mnist_h5, tmp_path)
     resumed = launch_train([*args, "--resume"], ranks=3)
     assert resumed.returncode == 0, resumed.stderr
     assert run_result(tmp_path / "run") == run_result(tmp_path / "whole")
+
+
+def test_resume_removes_what_a_killed_run_left_half_written(mnist_h5, tmp_path):
+    """A run killed while writing leaves temporary files; the next run in the folder removes
+    them (its lock shows no other run is writing there)."""
+    args = ["--data", mnist_h5, "--out", tmp_path, "--train-limit", "600", "--val-size", "100",
+            "--batch-size", "50", "--epochs", "2", "--layers", "784,8,10"]
+    first = launch_train([*args, "--max-steps", "14"])
+    assert first.returncode == 0, first.stderr
+    left = [tmp_path / ".model.h5.k2j3h4g5.tmp", tmp_path / ".summary.json.a1b2c3d4.tmp",
+            tmp_path / "checkpoints" / ".ckpt-000000015.h5.x9y8z7w6.tmp"]
+    for path in left:
+        path.write_bytes(b"\0" * 4096)
+    resumed = launch_train([*args, "--resume"], ranks=2)
+    assert resumed.returncode == 0, resumed.stderr
+    assert not list(tmp_path.rglob(".*.tmp"))
+    assert (tmp_path / "model.h5").exists() and (tmp_path / "summary.json").exists()

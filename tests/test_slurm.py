@@ -2,17 +2,20 @@
 
 Start a one-node cluster with ``launch/slurm/local-cluster.sh start`` (root);
 without one these tests are skipped, unless DISTNN_REQUIRE_SLURM=1 (as in CI)
-makes that a failure.
+makes that a failure. A test that signals a job holds the ranks still until the
+signal has reached them (``deliver_while_frozen``), so the job cannot finish
+before the signal lands, however loaded the machine.
 """
 
 import json
-import os
+import signal
 import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT, launch_train, run_env, run_result, wait_for
+from conftest import (ROOT, deliver_while_frozen, frozen, has_signal, launch_train, need_slurm,
+                      proc_status, rank_pids, run_env, run_result, wait_for)
 from distnn import checkpoint
 
 pytestmark = pytest.mark.slurm
@@ -21,29 +24,9 @@ ARGS = ["--train-limit", "3200", "--val-size", "200", "--epochs", "3", "--layers
         "--batch-size", "32", "--block-size", "4", "--checkpoint-every", "10"]
 
 
-def slurm_problem():
-    """Why no Slurm cluster can run jobs here, or None if one can."""
-    try:
-        done = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
-    except FileNotFoundError:
-        return "sinfo not found (no Slurm client installed)"
-    except subprocess.TimeoutExpired:
-        return "sinfo timed out"
-    if done.returncode != 0:
-        return f"no Slurm controller reachable ({done.stderr.strip()})"
-    if not any(s in done.stdout for s in ("idle", "mixed", "allocated")):
-        return f"no usable Slurm node (states: {done.stdout.split()})"
-    return None
-
-
 @pytest.fixture(scope="module", autouse=True)
 def cluster():
-    problem = slurm_problem()
-    if problem:
-        hint = "; start one with: launch/slurm/local-cluster.sh start"
-        if os.environ.get("DISTNN_REQUIRE_SLURM") == "1":
-            pytest.fail(problem + hint)
-        pytest.skip(problem + hint)
+    need_slurm()
 
 
 def slurm_env(out):
@@ -58,14 +41,19 @@ def job_state(job):
     return fields.get("JobState"), int(fields.get("Restarts", 0))
 
 
-def submit_and_wait_for_checkpoint(mnist_h5, tmp_path, out):
-    """Submit train.sbatch on 2 tasks; return its job id once it wrote a checkpoint."""
+def submit(mnist_h5, tmp_path, out):
+    """Submit train.sbatch on 2 tasks; return its job id."""
     submitted = subprocess.run(["sbatch", "--parsable", "-n", "2", "-o", str(tmp_path / "job.out"),
                                 str(TRAIN_SBATCH), "--data", str(mnist_h5), *ARGS],
                                env=slurm_env(out), capture_output=True, text=True, cwd=tmp_path)
     assert submitted.returncode == 0, submitted.stderr
-    wait_for(lambda: checkpoint.listing(out / "checkpoints"), 300, "the first checkpoint", 0.2)
     return submitted.stdout.strip()
+
+
+def ranks_after_first_checkpoint(out):
+    """The job's two rank PIDs, once its first checkpoint exists."""
+    wait_for(lambda: checkpoint.listing(out / "checkpoints"), 300, "the first checkpoint", 0.01)
+    return wait_for(lambda: len(rank_pids(out)) == 2 and rank_pids(out), 60, "both ranks")
 
 
 def wait_until_ended(job, timeout):
@@ -98,8 +86,10 @@ def test_train_sbatch_matches_mpirun(direct, mnist_h5, tmp_path):
 
 def test_signal_requeues_and_resumes_to_the_same_result(direct, mnist_h5, tmp_path):
     out = tmp_path / "slurm"
-    job = submit_and_wait_for_checkpoint(mnist_h5, tmp_path, out)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    job = submit(mnist_h5, tmp_path, out)
+    pids = ranks_after_first_checkpoint(out)
+    deliver_while_frozen(pids, lambda: subprocess.run(["scancel", "--signal=USR1", "--batch", job],
+                                                      check=True), signal.SIGUSR1)
     state, restarts = wait_until_ended(job, 600)
     log = (tmp_path / "job.out").read_text()
     assert state == "COMPLETED" and restarts == 1, log
@@ -110,16 +100,39 @@ def test_signal_requeues_and_resumes_to_the_same_result(direct, mnist_h5, tmp_pa
 
 def test_plain_scancel_checkpoints_and_ends_without_requeue(mnist_h5, tmp_path):
     out = tmp_path / "slurm"
-    job = submit_and_wait_for_checkpoint(mnist_h5, tmp_path, out)
-    subprocess.run(["scancel", job], check=True)
+    job = submit(mnist_h5, tmp_path, out)
+    pids = ranks_after_first_checkpoint(out)
+    with frozen(pids):
+        # Slurm sends every task SIGCONT, then at once SIGTERM: wait until it has done so
+        subprocess.run(["scancel", job], check=True)
+        wait_for(lambda: all(has_signal(p, "ShdPnd", signal.SIGTERM)
+                             or not (proc_status(p, "State") or "").startswith("T") for p in pids),
+                 60, "Slurm to signal the ranks")
     state, restarts = wait_until_ended(job, 300)
     def last_words():
         text = (tmp_path / "job.out").read_text()
-        return text if "SIGTERM received" in text else None
+        return text if "received: stopped after step" in text else None
     log = wait_for(last_words, 60, "the job's last words", 0.2)
     assert state == "CANCELLED" and restarts == 0, log
     assert "checkpointing and ending" in log and "requeueing" not in log
-    checkpoint.load(checkpoint.listing(out / "checkpoints")[-1][1])
+    step = int(log.split("stopped after step ")[1].split(",")[0])
+    newest = checkpoint.listing(out / "checkpoints")[-1][1]
+    assert checkpoint.load(newest)[0].step == step
+
+
+def test_a_signal_as_the_job_finishes_ends_it_complete(direct, mnist_h5, tmp_path):
+    """USR1 to the batch script as rank 0 writes the final model: the job either finishes
+    or is requeued and finishes; never killed, never hung, nothing half-written."""
+    out = tmp_path / "slurm"
+    job = submit(mnist_h5, tmp_path, out)
+    wait_for(lambda: list(out.glob(".model.h5.*.tmp")) or (out / "model.h5").exists(), 600,
+             "the final model", 0.001)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job])
+    state, restarts = wait_until_ended(job, 300)
+    log = (tmp_path / "job.out").read_text()
+    assert state == "COMPLETED" and restarts in (0, 1), log
+    assert run_result(out) == direct
+    assert not list(out.rglob(".*.tmp")) and "Killed" not in log
 
 
 def test_sweep_array_and_collected_table(mnist_h5, tmp_path):

@@ -7,7 +7,8 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import ROOT, find_mpirun, launch_train, metrics_records, run_env, run_result
+from conftest import (ROOT, find_mpirun, launch_train, metrics_records, mnist_arrays, run_env,
+                      run_result, write_data)
 
 # Small, fast settings that still exercise every corner: several hidden layers,
 # a batch size that 3, 4, 6, 7 and 8 do not divide, a final partial batch
@@ -119,6 +120,7 @@ def error_line(result):
     (["--batch-size", "0"], "--batch-size must be positive, got 0"),
     (["--lr", "-1"], "--lr must be positive, got -1.0"),
     (["--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["--seed", "-1"], "--seed must be 0 or more, got -1"),
     (["--batch-size", "8", "--block-size", "4"],
      "--batch-size 8 with --block-size 4 gives 2 blocks per step for 3 ranks; lower --block-size"),
     (["--layers", "784,8,9"], "output width must be 10"),
@@ -147,11 +149,17 @@ def test_missing_and_wrong_schema_data_files(tmp_path):
     assert "nope.h5: no such file" in error_line(missing)
     wrong = tmp_path / "wrong.h5"
     with h5py.File(wrong, "w") as f:
-        f.attrs["schema_version"] = 1
+        f.attrs["schema_version"] = 2
         f["train/images"] = np.zeros((10, 28, 28), np.uint8)
     bad = launch_train(["--data", wrong, "--out", tmp_path / "o"], ranks=2, timeout=60)
     assert bad.returncode == 2
-    assert "wrong.h5: missing /train/images or /train/labels" in error_line(bad)
+    assert "wrong.h5: missing /train/images, /train/labels or /train/image_sha256" in error_line(bad)
+    with h5py.File(wrong, "w") as f:
+        f.attrs["schema_version"] = 1
+    old = launch_train(["--data", wrong, "--out", tmp_path / "o"], ranks=2, timeout=60)
+    assert old.returncode == 2
+    assert (f"wrong.h5: schema_version is 1, expected 2 (prepare it again: python -m data_prep "
+            f"--force --out {wrong})") in error_line(old)
     assert not (tmp_path / "o").exists()
 
 
@@ -198,16 +206,20 @@ def test_labels_outside_range_in_data_file(mnist_h5, tmp_path):
                                *extra], ranks=2, timeout=60)
         assert result.returncode == 2, result.stderr
         assert "/train/labels row 17 holds label 12, outside 0-9" in result.stderr
+    with h5py.File(mnist_h5, "r") as f:
+        label = int(f["train/labels"][17])
+    with h5py.File(bad, "a") as f:  # another digit: in range, but not the recorded content
+        f["train/labels"][17] = (label + 1) % 10
+    result = launch_train(["--data", bad, "--out", tmp_path / "o", "--val-size", "0"], ranks=2,
+                          timeout=60)
+    assert result.returncode == 2
+    assert f"{bad}: /train/labels do not match the SHA-256 data_prep recorded" in error_line(result)
 
 
 def test_empty_test_split_is_reported_as_absent(mnist_h5, tmp_path):
-    small = tmp_path / "notest.h5"
-    with h5py.File(mnist_h5, "r") as src, h5py.File(small, "w") as f:
-        f.attrs.update(src.attrs)
-        f["train/images"] = src["train/images"][:300]
-        f["train/labels"] = src["train/labels"][:300]
-        f["test/images"] = np.zeros((0, 784), np.uint8)
-        f["test/labels"] = np.zeros(0, np.uint8)
+    train_x, train_y, _, _ = mnist_arrays(mnist_h5, 300, 0)
+    small = write_data(tmp_path / "notest.h5", train_x, train_y, np.zeros((0, 784), np.uint8),
+                       np.zeros(0, np.uint8))
     result = launch_train(["--data", small, "--out", tmp_path / "o", "--val-size", "50",
                            "--epochs", "1", "--layers", "784,8,10"], ranks=2, timeout=60)
     assert result.returncode == 0, result.stderr

@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import ROOT, launch_train, run_env, run_module
+from conftest import ROOT, launch_train, mnist_arrays, run_env, run_module, write_data
 from distnn import model, outputs
 
 TRAIN = ["--train-limit", "3000", "--val-size", "300", "--epochs", "2", "--layers", "784,16,10",
@@ -150,14 +150,31 @@ def test_bad_input_is_one_clear_error(run_dir, mnist_h5, tmp_path):
     big.write_bytes(b"P5 32 32 255\n" + bytes(32 * 32))
     zero = tmp_path / "zero.pgm"
     zero.write_bytes(b"P5 28 28 0\n" + bytes(28 * 28))
+    unknown = tmp_path / "unknown.h5"
+    outputs.save_model(unknown, model.init_params([784, 10]), [784, 10], "swish", "ce")
+    notest = write_data(tmp_path / "notest.h5", *mnist_arrays(mnist_h5, 100, 0))
+    blank = tmp_path / "blank.pgm"
+    blank.write_bytes(b"P5 28 28 255\n" + bytes([200]) * (28 * 28))
     cases = [
         (("distnn.predict", "--model", wrong, "--data", mnist_h5), "takes 100 inputs, but the images have 784"),
         (("distnn.predict", "--model", run / "model.h5", "--images", big), "big.pgm: image is 32x32 pixels, expected 28x28"),
         (("distnn.predict", "--model", tmp_path / "nope" / "model.h5"), "no such model file"),
         (("distnn.predict", "--model", run / "model.h5", "--images", zero), "maxval 0 is outside"),
+        (("distnn.predict", "--model", unknown, "--data", mnist_h5),
+         "unknown.h5: unknown activation 'swish' (distnn knows sigmoid, tanh"),
+        (("distnn.predict", "--model", run / "model.h5", "--data", notest, "--show", "4"),
+         "notest.h5: holds no test images to predict; give --images or --csv"),
+        (("distnn.predict", "--model", run / "model.h5", "--images", blank),
+         "blank.pgm: the image is blank (one grey level); nothing to recognise"),
+        (("distnn.predict", "--model", run / "model.h5", "--csv", tmp_path / "rows.csv",
+          "--out", tmp_path / "missing" / "p.csv.gz"),
+         f"cannot write {tmp_path / 'missing' / 'p.csv.gz'}: No such file or directory"),
         (("distnn.plot", tmp_path / "nope"), "nope: no such run folder"),
         (("distnn.plot", tmp_path), "no metrics.jsonl"),
     ]
+    with h5py.File(mnist_h5, "r") as f:
+        digits = f["test/images"][:2]
+    (tmp_path / "rows.csv").write_text("\n".join(",".join(map(str, d)) for d in digits) + "\n")
     for args, message in cases:
         result = run_module(*args)
         assert result.returncode == 2, (args, result.stderr)
@@ -173,3 +190,30 @@ def test_missing_matplotlib_names_the_extra(run_dir):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "pip install 'distnn[plot]'" in result.stderr
+
+
+def test_a_digit_drawn_in_the_alpha_channel_is_read(run_dir, mnist_h5, tmp_path):
+    """Black strokes whose shape is only in the alpha channel, on a transparent background:
+    shown on a light page they are a dark digit, and predicted like the same digit in grey."""
+    import matplotlib.pyplot as plt
+    run, _ = run_dir
+    with h5py.File(mnist_h5, "r") as f:
+        digits = f["test/images"][:4]
+    grey_files, alpha_files = [], []
+    for i, digit in enumerate(digits):
+        ink = digit.reshape(28, 28) / 255.0
+        grey_files.append(tmp_path / f"grey{i}.png")
+        plt.imsave(grey_files[-1], 1 - ink, cmap="gray", vmin=0, vmax=1)  # dark on light
+        rgba = np.zeros((28, 28, 4))
+        rgba[..., 3] = ink  # black everywhere; the digit is its opacity
+        alpha_files.append(tmp_path / f"alpha{i}.png")
+        plt.imsave(alpha_files[-1], rgba)
+    by_grey = run_module("distnn.predict", "--model", run / "model.h5", "--images", *grey_files,
+                         "--out", tmp_path / "g.csv.gz")
+    by_alpha = run_module("distnn.predict", "--model", run / "model.h5", "--images", *alpha_files,
+                          "--out", tmp_path / "a.csv.gz")
+    assert by_grey.returncode == 0 and by_alpha.returncode == 0, by_alpha.stderr
+    assert gzip.open(tmp_path / "a.csv.gz", "rt").read() == gzip.open(tmp_path / "g.csv.gz", "rt").read()
+    labels = [int(l) for l in gzip.open(tmp_path / "a.csv.gz", "rt").read().split()]
+    with h5py.File(mnist_h5, "r") as f:
+        assert np.mean(np.array(labels) == f["test/labels"][:4]) >= 0.75

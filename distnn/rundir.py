@@ -1,0 +1,142 @@
+"""The run folder (``--out``): owned by one run at a time, never left half-made.
+
+Rank 0 claims the folder before anything is written to it:
+
+- the default ``runs/<timestamp>`` is made with an exclusive ``mkdir``, so two
+  runs started in the same second get ``runs/<timestamp>`` and
+  ``runs/<timestamp>-2``;
+- a lock on ``<out>/.lock`` (``flock``, released by the kernel when the process
+  ends, however it ends) is held for the whole run: a second run on the same
+  folder is refused with one line naming the run that holds it;
+- a folder that already holds a run is refused unless ``--resume``;
+- temporary files a killed run left behind (``.<name>.*.tmp``) are removed,
+  safely, since the lock shows no other run writes there;
+- a folder the run made itself is removed again if the run fails before its
+  first step (:meth:`RunFolder.discard`).
+"""
+
+import datetime
+import errno
+import fcntl
+import os
+import shutil
+import socket
+from pathlib import Path
+
+from data_prep.files import reason
+from distnn.errors import UserError
+from distnn.startup import warn
+
+LOCK = ".lock"
+RUN_FILES = ("summary.json", "metrics.jsonl", "checkpoints")
+SHOWN_PATH = 200  # longer paths are shortened in messages
+
+
+class RunFolder:
+    """A claimed run folder: ``path``, whether this run ``created`` it, and its lock."""
+
+    def __init__(self, path, created, lock_fd):
+        self.path, self.created, self.lock_fd = path, created, lock_fd
+
+    def release(self):
+        """Give up the lock (the process's end does the same)."""
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+
+    def discard(self):
+        """Release the folder, and remove it if this run made it: the run failed before
+        it began, and everything in a folder it made and locked is its own."""
+        self.release()
+        if self.created:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+def claim(out, resume):
+    """Claim ``out`` (or a new ``runs/<timestamp>`` when empty) for this run; UserError
+    (one line naming the folder) when it cannot be used."""
+    path, created = (Path(out), make(Path(out))) if out else (unique_default(), True)
+    folder = RunFolder(path, created, None)
+    try:
+        folder.lock_fd = lock(path)
+        held = [n for n in RUN_FILES if (path / n).exists()]
+        if held and not resume:
+            raise UserError(f"--out {shown(path)}: already holds a run; add --resume to continue "
+                            "it or choose another folder")
+        checkpoints = path / "checkpoints"
+        if checkpoints.exists() and not checkpoints.is_dir():
+            raise UserError(f"--out {shown(path)}: {checkpoints.name} is in the way: it is "
+                            "not a folder")
+        for folder_with_temps in (path, checkpoints):
+            if folder_with_temps.is_dir():
+                for stale in folder_with_temps.glob(".*.tmp"):
+                    stale.unlink(missing_ok=True)
+    except BaseException:
+        folder.discard()
+        raise
+    return folder
+
+
+def make(path):
+    """Create ``path`` (and its parents) if needed; True if this call created it."""
+    try:
+        path.mkdir(parents=True)
+        return True
+    except FileExistsError:
+        if not path.is_dir():
+            raise UserError(f"--out {shown(path)}: exists and is not a folder") from None
+        return False
+    except OSError as exc:
+        raise UserError(f"--out {shown(path)}: cannot create it: {reason(exc)}") from None
+
+
+def unique_default(parent=Path("runs"), now=None):
+    """A new folder ``runs/<timestamp>`` (of ``now``), or ``runs/<timestamp>-<n>`` if that exists."""
+    stamp = (now or datetime.datetime.now()).strftime("%Y%m%d-%H%M%S")
+    make(parent)
+    for n in range(1, 1000):
+        path = parent / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise UserError(f"--out {shown(path)}: cannot create it: {reason(exc)}") from None
+    raise UserError(f"{parent}: 999 runs started in the second {stamp}; use --out")
+
+
+def lock(path):
+    """An open descriptor of ``path/.lock`` holding an exclusive lock, or UserError when
+    another run holds it. A file system without locks gets a warning, not a refusal."""
+    target = path / LOCK
+    try:
+        fd = os.open(target, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise UserError(f"--out {shown(path)}: cannot write there: {reason(exc)}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another run"
+            os.close(fd)
+            raise UserError(f"--out {shown(path)}: in use by {holder}; wait for it to end or "
+                            "choose another folder") from None
+        warn(f"--out {shown(path)}: cannot lock it ({reason(exc)}); make sure no other run "
+             "uses this folder")
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"run of pid {os.getpid()} on {socket.gethostname()}, started "
+                      f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}\n".encode(), 0)
+    except OSError as exc:
+        os.close(fd)
+        raise UserError(f"--out {shown(path)}: cannot write there: {reason(exc)}") from None
+    return fd
+
+
+def shown(path):
+    """``path`` for a message, shortened in the middle when it is very long."""
+    text = str(path)
+    if len(text) <= SHOWN_PATH:
+        return text
+    return f"{text[:100]}...{text[-60:]} ({len(text)} characters)"

@@ -1,0 +1,150 @@
+"""Stop signals at every moment of a run, alone, under mpirun and under srun.
+
+Every trial must end within 60 s with exit 0 and complete outputs (the run had
+already finished) or exit 75 and a checkpoint; a signal never kills a rank and
+never leaves a job hanging or a file half-written. Where the test needs the
+signal to land at one point of the run (start-up, a checkpoint), it stops the
+ranks there, sends the signal, waits until every rank holds it pending and lets
+them go on (``deliver_while_frozen``), so no trial depends on the machine's speed.
+"""
+
+import itertools
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import (ROOT, catching_ranks, deliver_while_frozen, find_mpirun, launch_train,
+                      need_slurm, rank_pids, run_env, run_result, wait_for)
+from distnn import checkpoint
+
+ARGS = ["--train-limit", "2000", "--val-size", "200", "--epochs", "3", "--layers", "784,32,10",
+        "--batch-size", "32", "--block-size", "4", "--checkpoint-every", "20", "--log-every", "0"]
+EXIT_STOPPED = 75
+RANKS = {"python": 1, "mpirun": 2, "srun": 2}
+# the moments a signal is sent, and the exit codes each may give
+MOMENTS = {
+    "start-up": (EXIT_STOPPED,),        # as soon as the ranks load numpy: before MPI_Init and
+                                        # the data load (they must catch stop signals by then)
+    "folder claimed": (EXIT_STOPPED,),  # before the baseline evaluation and the first writes
+    "checkpoint": (EXIT_STOPPED,),      # while the first checkpoint is being written
+    "final write": (0, EXIT_STOPPED),   # while rank 0 writes model.h5, or just after
+    "finished": (0, EXIT_STOPPED),      # as soon as model.h5 is there
+    "shutdown": (0, EXIT_STOPPED),      # as soon as summary.json is there: the ranks are ending
+}
+trial_names = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(mnist_h5, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    result = launch_train(["--data", mnist_h5, "--out", out, *ARGS])
+    assert result.returncode == 0, result.stderr
+    return run_result(out)
+
+
+def start(launcher, out, data):
+    train = [sys.executable, "-m", "distnn.train", "--data", str(data), "--out", str(out), *ARGS]
+    name = None
+    if launcher == "mpirun":
+        train = [find_mpirun(), "-n", "2", *train]
+    elif launcher == "srun":
+        name = f"distnn-signal-test-{out.parent.name}-{next(trial_names)}"
+        train = ["srun", "-n", "2", "--mpi=pmi2", "--job-name", name, *train]
+    job = subprocess.Popen(train, cwd=ROOT, env=run_env(), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    return job, name
+
+
+def sender(launcher, job, name, signum):
+    """How a scheduler or a user signals the run: the process itself, mpirun (which
+    forwards to every rank), or Slurm's scancel to the step's tasks (srun itself ends
+    its tasks at once on a SIGTERM)."""
+    if launcher == "srun":
+        return lambda: subprocess.run(["scancel", f"--signal={signum.name}", "--name", name],
+                                      timeout=30)
+    return lambda: job.send_signal(signum)
+
+
+def newest_file(out, pattern):
+    return lambda: sorted(Path(out).rglob(pattern)) or None
+
+
+def send_at(moment, launcher, job, name, out, signum):
+    """Send ``signum`` at ``moment`` of the run on ``out``: the ranks are held still while it
+    reaches them, except at the end, where any moment of the shutdown will do."""
+    ranks = RANKS[launcher]
+    if moment in ("start-up", "folder claimed", "checkpoint"):
+        if moment == "start-up":
+            pids = wait_for(lambda: loaded_ranks(out, ranks, "_multiarray_umath"), 60,
+                            "the ranks to load numpy", 0.001)
+        elif moment == "folder claimed":
+            wait_for(lambda: (out / ".lock").exists(), 60, "the run to claim its folder", 0.001)
+        else:
+            wait_for(lambda: newest_file(out / "checkpoints", ".ckpt-*.tmp")()
+                     or newest_file(out / "checkpoints", "ckpt-*.h5")(), 60,
+                     "the first checkpoint", 0.001)
+        pids = rank_pids(out)
+        deliver_while_frozen(pids, sender(launcher, job, name, signum), signum)
+        return
+    pattern = {"final write": ".model.h5.*.tmp", "finished": "model.h5",
+               "shutdown": "summary.json"}[moment]
+    wait_for(lambda: newest_file(out, pattern)() or newest_file(out, "summary.json")(), 60,
+             "the run's end", 0.001)
+    sender(launcher, job, name, signum)()
+
+
+def loaded_ranks(out, ranks, library):
+    """The ``ranks`` rank PIDs of the run on ``out`` once each has mapped ``library``."""
+    pids = rank_pids(out)
+    return pids if len(pids) == ranks and all(maps(p, library) for p in pids) else None
+
+
+def maps(pid, library):
+    try:
+        return library in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM], ids=lambda s: s.name)
+@pytest.mark.parametrize("moment", list(MOMENTS))
+@pytest.mark.parametrize("launcher", list(RANKS))
+def test_stop_signal_at_every_moment(launcher, moment, signum, uninterrupted, mnist_h5, tmp_path):
+    if launcher == "srun":
+        need_slurm()
+    out = tmp_path / "run"
+    job, name = start(launcher, out, mnist_h5)
+    try:
+        send_at(moment, launcher, job, name, out, signum)
+        _, err = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.communicate()
+    assert job.returncode in MOMENTS[moment], err
+    assert "Traceback" not in err and "Killed" not in err, err
+    assert not list(out.rglob(".*.tmp")), "temporary files left behind"
+    if job.returncode == EXIT_STOPPED:
+        assert f"{signum.name} received: stopped after step" in err, err
+        step = int(err.split("stopped after step ")[1].split(",")[0])
+        path = checkpoint.listing(out / "checkpoints")[-1][1]
+        assert checkpoint.load(path)[0].step == step and f"checkpoint {path}" in err
+        assert not (out / "summary.json").exists()
+    else:
+        assert run_result(out) == uninterrupted
+
+
+def test_a_stop_before_the_first_step_resumes_to_the_same_result(uninterrupted, mnist_h5,
+                                                                   tmp_path):
+    out = tmp_path / "run"
+    job, _ = start("python", out, mnist_h5)
+    pids = wait_for(lambda: catching_ranks(out, 1), 60, "the run to catch stop signals", 0.002)
+    deliver_while_frozen(pids, sender("python", job, None, signal.SIGUSR1), signal.SIGUSR1)
+    _, err = job.communicate(timeout=60)
+    assert job.returncode == EXIT_STOPPED and "stopped after step 1," in err, err
+    resumed = launch_train(["--data", mnist_h5, "--out", out, *ARGS, "--resume"], ranks=2)
+    assert resumed.returncode == 0, resumed.stderr
+    assert run_result(out) == uninterrupted
