@@ -14,7 +14,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
-import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,6 +78,21 @@ def run_result(out):
     summary = json.loads((Path(out) / "summary.json").read_text())
     return summary["params_sha256"], [{k: v for k, v in r.items() if k not in TIMING_KEYS}
                                       for r in metrics_records(out)]
+
+
+def trained(args, out, ranks=None):
+    """The result (:func:`run_result`) of a run of ``args`` into ``out`` that must succeed."""
+    result = launch_train([*args, "--out", out], ranks=ranks)
+    assert result.returncode == 0, result.stderr
+    return run_result(out)
+
+
+def error_line(result):
+    """The single error line a user sees; asserts there is exactly one and no traceback."""
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
 
 
 def wait_for(predicate, timeout, what, every=0.02):
@@ -206,7 +220,8 @@ def slurm_problem():
         return "sinfo timed out"
     if done.returncode != 0:
         return f"no Slurm controller reachable ({done.stderr.strip()})"
-    if not any(s in done.stdout for s in ("idle", "mixed", "allocated", "completing")):
+    working = ("idle", "mix", "alloc", "completing", "planned", "reserved")  # busy is usable
+    if not any(state.startswith(working) for state in done.stdout.split()):
         return f"no usable Slurm node (states: {done.stdout.split()})"
     return None
 

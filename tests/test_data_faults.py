@@ -10,19 +10,13 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import (ROOT, frozen, launch_train, metrics_records, mnist_arrays, rank_pids,
-                      run_env, run_result, wait_for, write_data, zero_chunk)
+from conftest import (ROOT, error_line, frozen, launch_train, metrics_records, mnist_arrays,
+                      rank_pids, run_env, run_result, wait_for, write_data, zero_chunk)
 from distnn import checkpoint
 
 EXIT_BAD_INPUT = 2
 ARGS = ["--train-limit", "3200", "--val-size", "0", "--epochs", "1", "--layers", "784,8,10",
         "--batch-size", "64", "--checkpoint-every", "0"]
-
-
-def error_line(result):
-    lines = [l for l in result.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    return lines[0]
 
 
 def test_a_block_zeroed_with_its_checksum_is_named(mnist_h5, tmp_path):

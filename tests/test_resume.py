@@ -14,7 +14,7 @@ import h5py
 import pytest
 
 from conftest import (ROOT, deliver_while_frozen, find_mpirun, frozen, launch_train, rank_pids,
-                      run_env, run_result, wait_for)
+                      run_env, run_result, trained, wait_for)
 from distnn import checkpoint
 
 ARGS = ["--train-limit", "3200", "--val-size", "200", "--epochs", "4", "--layers", "784,64,10",
@@ -36,10 +36,7 @@ def ranks_at_first_checkpoint(out, ranks):
 
 @pytest.fixture(scope="module")
 def reference(mnist_h5, tmp_path_factory):
-    out = tmp_path_factory.mktemp("uninterrupted")
-    result = launch_train(["--data", mnist_h5, "--out", out, *ARGS])
-    assert result.returncode == 0, result.stderr
-    return run_result(out)
+    return trained(["--data", mnist_h5, *ARGS], tmp_path_factory.mktemp("uninterrupted"))
 
 
 def test_sigterm_on_4_ranks_then_resume_on_1(reference, mnist_h5, tmp_path):

@@ -10,8 +10,9 @@ from contextlib import contextmanager
 
 import pytest
 
-from conftest import (ROOT, frozen, launch_train, metrics_records, mnist_arrays, need_root,
-                      rank_pids, run_env, run_result, wait_for, write_data, zero_chunk)
+from conftest import (ROOT, error_line, frozen, launch_train, metrics_records, mnist_arrays,
+                      need_root, rank_pids, run_env, run_result, trained, wait_for, write_data,
+                      zero_chunk)
 from distnn import checkpoint, rundir
 from distnn.errors import OutputError
 from distnn.outputs import MetricsLog
@@ -19,13 +20,6 @@ from distnn.outputs import MetricsLog
 ARGS = ["--train-limit", "1000", "--val-size", "100", "--epochs", "2", "--layers", "784,8,10",
         "--batch-size", "50", "--block-size", "5"]
 EXIT_BAD_INPUT, EXIT_OUTPUT = 2, 74
-
-
-def error_line(result):
-    """The one line a failing run prints; asserts there is exactly one, and no traceback."""
-    lines = [l for l in result.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    return lines[0]
 
 
 @contextmanager
@@ -116,8 +110,7 @@ def test_a_full_disk_keeps_the_last_good_checkpoint_and_resumes(mnist_h5, tmp_pa
     need_root("mount a small file system")
     args = ["--data", mnist_h5, "--train-limit", "2000", "--val-size", "0", "--epochs", "1",
             "--layers", "784,256,10", "--batch-size", "32", "--checkpoint-every", "5"]
-    whole = launch_train([*args, "--out", tmp_path / "whole"])
-    assert whole.returncode == 0, whole.stderr
+    whole = trained(args, tmp_path / "whole")
     with tmpfs(tmp_path / "small", "size=3m") as small:  # room for three 0.8 MB checkpoints
         out = small / "run"
         full = launch_train([*args, "--out", out], ranks=2)
@@ -133,7 +126,7 @@ def test_a_full_disk_keeps_the_last_good_checkpoint_and_resumes(mnist_h5, tmp_pa
         subprocess.run(["mount", "-o", "remount,size=50m", str(small)], check=True)
         resumed = launch_train([*args, "--out", out, "--resume"])
         assert resumed.returncode == 0, resumed.stderr
-        assert run_result(out) == run_result(tmp_path / "whole")
+        assert run_result(out) == whole
 
 
 def test_a_metrics_line_that_does_not_fit_is_not_half_written(tmp_path):

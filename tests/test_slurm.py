@@ -14,8 +14,8 @@ import sys
 
 import pytest
 
-from conftest import (ROOT, deliver_while_frozen, frozen, has_signal, launch_train, need_slurm,
-                      proc_status, rank_pids, run_env, run_result, wait_for)
+from conftest import (ROOT, deliver_while_frozen, frozen, has_signal, need_slurm,
+                      proc_status, rank_pids, run_env, run_result, trained, wait_for)
 from distnn import checkpoint
 
 pytestmark = pytest.mark.slurm
@@ -67,10 +67,7 @@ def wait_until_ended(job, timeout):
 @pytest.fixture(scope="module")
 def direct(cluster, mnist_h5, tmp_path_factory):
     """The result of ARGS trained directly with mpirun -n 2 (every rank count gives it)."""
-    out = tmp_path_factory.mktemp("direct")
-    result = launch_train(["--data", mnist_h5, "--out", out, *ARGS], ranks=2)
-    assert result.returncode == 0, result.stderr
-    return run_result(out)
+    return trained(["--data", mnist_h5, *ARGS], tmp_path_factory.mktemp("direct"), ranks=2)
 
 
 def test_train_sbatch_matches_mpirun(direct, mnist_h5, tmp_path):

@@ -7,8 +7,8 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import (ROOT, find_mpirun, launch_train, metrics_records, mnist_arrays, run_env,
-                      run_result, write_data)
+from conftest import (ROOT, error_line, find_mpirun, launch_train, metrics_records, mnist_arrays,
+                      run_env, run_result, write_data)
 
 # Small, fast settings that still exercise every corner: several hidden layers,
 # a batch size that 3, 4, 6, 7 and 8 do not divide, a final partial batch
@@ -106,14 +106,6 @@ def test_exception_on_one_rank_ends_the_job_promptly(mnist_h5, tmp_path):
     assert "deliberate failure on rank 2 at step 3" in result.stderr
     assert elapsed < 30, elapsed
     assert not (tmp_path / "summary.json").exists()
-
-
-def error_line(result):
-    """The single error line a user sees; asserts there is exactly one."""
-    lines = [l for l in result.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    return lines[0]
 
 
 @pytest.mark.parametrize("args, message", [
