@@ -119,6 +119,9 @@ def finish(comm, prog, code, stop):
     The ranks meet once more, waiting at most FINISH_WAIT_S for each other; a rank
     whose peers are gone (a killed rank under a launcher that does not end the
     job) leaves without MPI finalisation, which would wait for them forever.
+    ``MPI_Finalize`` holds the GIL, so only faulthandler's own thread can end a
+    finalisation that waits for a peer lost after the meeting: with exit 1 and a
+    dump of where it waited, which beats waiting forever.
     """
     stop.ignore()
     sys.stdout.flush()

@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from data_prep.files import atomic_write, reason
 from distnn.errors import cli
 
 PANELS = (("acc", "accuracy"), ("quadratic_cost", "quadratic cost"),
@@ -89,13 +90,19 @@ def plot(folders, out):
             ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
+    save_png(fig, out)
+    return out
+
+
+def save_png(fig, path):
+    """Write the figure to ``path`` whole or not at all (PlotError naming it), and close it."""
+    plt = need_matplotlib()
     try:
-        fig.savefig(out, dpi=DPI)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
     except OSError as exc:
-        raise PlotError(f"{out}: cannot write ({exc.strerror or exc})") from None
+        raise PlotError(f"cannot write {path}: {reason(exc)}") from None
     finally:
         plt.close(fig)
-    return out
 
 
 def main(argv=None):

@@ -31,7 +31,7 @@ from distnn import model, outputs
 from distnn.config import DEFAULT_DATA
 from distnn.data import Dataset
 from distnn.errors import OutputError, UserError, cli
-from distnn.plot import PlotError, need_matplotlib
+from distnn.plot import PlotError, need_matplotlib, save_png
 from distnn.step import predict, task_labels
 
 PIXELS, SIDE = 784, 28
@@ -115,9 +115,11 @@ def load_inputs(args):
         except PrepError as exc:
             raise UserError(str(exc)) from None
         return images, None, None
-    data = Dataset(args.data)
-    images, labels = data.get("test", np.arange(data.size("test")))
-    data.close()
+    data = Dataset(args.data, stream=True)  # reads (and checks) only the test rows
+    try:
+        images, labels = data.get("test", np.arange(data.size("test")))
+    finally:
+        data.close()
     if not len(images):
         raise UserError(f"{args.data}: holds no test images to predict; give --images or --csv")
     return images, labels, None
@@ -160,8 +162,7 @@ def show_digits(path, images, labels, captions, probs, guesses, names, count, se
         bar_ax.set_ylim(0, 1)
         bar_ax.set_title(f"guess {names[guess]}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def show_confusion(path, labels, guesses, names):
@@ -181,8 +182,7 @@ def show_confusion(path, labels, guesses, names):
     ax.set_title(f"confusion matrix ({(guesses == labels).mean():.2%} correct)")
     fig.colorbar(shown, ax=ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def run(args):

@@ -9,8 +9,8 @@ Rank 0 claims the folder before anything is written to it:
   ends, however it ends) is held for the whole run: a second run on the same
   folder is refused with one line naming the run that holds it;
 - a folder that already holds a run is refused unless ``--resume``;
-- temporary files a killed run left behind (``.<name>.*.tmp``) are removed,
-  safely, since the lock shows no other run writes there;
+- temporary files a killed run left behind (``.model.h5.*.tmp``, ...) are
+  removed, safely, since the lock shows no other run writes there;
 - a folder the run made itself is removed again if the run fails before its
   first step (:meth:`RunFolder.discard`).
 """
@@ -29,6 +29,10 @@ from distnn.startup import warn
 
 LOCK = ".lock"
 RUN_FILES = ("summary.json", "metrics.jsonl", "checkpoints")
+# temporary files of distnn.train's own writes (data_prep.files.atomic_write names them
+# .<name>.<random>.tmp); other programs' temporary files in the folder are left alone
+LEFTOVERS = [f".{name}.*.tmp" for name in ("model.h5", "summary.json", "config.json",
+                                           "metrics.jsonl")] + ["checkpoints/.ckpt-*.h5.*.tmp"]
 SHOWN_PATH = 200  # longer paths are shortened in messages
 
 
@@ -45,11 +49,11 @@ class RunFolder:
             self.lock_fd = None
 
     def discard(self):
-        """Release the folder, and remove it if this run made it: the run failed before
-        it began, and everything in a folder it made and locked is its own."""
-        self.release()
-        if self.created:
+        """Remove the folder if this run made it and holds it (the run failed before it
+        began, so everything in it is this run's own), then release it."""
+        if self.created and self.lock_fd is not None:
             shutil.rmtree(self.path, ignore_errors=True)
+        self.release()
 
 
 def claim(out, resume):
@@ -67,10 +71,10 @@ def claim(out, resume):
         if checkpoints.exists() and not checkpoints.is_dir():
             raise UserError(f"--out {shown(path)}: {checkpoints.name} is in the way: it is "
                             "not a folder")
-        for folder_with_temps in (path, checkpoints):
-            if folder_with_temps.is_dir():
-                for stale in folder_with_temps.glob(".*.tmp"):
-                    stale.unlink(missing_ok=True)
+        sign(folder.lock_fd, path)
+        for pattern in LEFTOVERS:
+            for stale in path.glob(pattern):
+                stale.unlink(missing_ok=True)
     except BaseException:
         folder.discard()
         raise
@@ -124,14 +128,17 @@ def lock(path):
                             "choose another folder") from None
         warn(f"--out {shown(path)}: cannot lock it ({reason(exc)}); make sure no other run "
              "uses this folder")
+    return fd
+
+
+def sign(fd, path):
+    """Name this run in the lock file, for the message a second run gets."""
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"run of pid {os.getpid()} on {socket.gethostname()}, started "
                       f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}\n".encode(), 0)
     except OSError as exc:
-        os.close(fd)
         raise UserError(f"--out {shown(path)}: cannot write there: {reason(exc)}") from None
-    return fd
 
 
 def shown(path):

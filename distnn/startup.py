@@ -1,8 +1,11 @@
 """Everything a run does before its first step, on every rank.
 
-Each function runs inside :func:`distnn.comm.agree`, so a problem found on any
-rank (a missing file, a mismatched setting) stops every rank with the same
-one-line error instead of leaving some waiting in a collective call.
+The trainer runs the checks that can fail on one rank alone (preparing the
+data, the initial parameters, the checkpoint to resume) inside
+:func:`distnn.comm.agree`, so a problem found on any rank (a missing file, a
+mismatched setting) stops every rank with the same one-line error instead of
+leaving some waiting in a collective call; the others are collective
+themselves (``check_same_settings``, ``share_state``) or print only.
 """
 
 import dataclasses

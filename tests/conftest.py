@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def mnist_h5(tmp_path_factory):
-    """The bundled MNIST prepared once into an HDF5 file (schema 1)."""
+    """The bundled MNIST prepared once into an HDF5 file (schema 2)."""
     out = tmp_path_factory.mktemp("data") / "mnist.h5"
     subprocess.run([sys.executable, "-m", "data_prep", "--out", str(out)],
                    check=True, cwd=ROOT, capture_output=True)
@@ -195,17 +195,20 @@ def frozen(pids):
                 pass
 
 
-def deliver_while_frozen(pids, send, signum):
+def deliver_while_frozen(pids, send, signum, observe=lambda: None):
     """Stop the ranks, ``send()`` ``signum`` (to them or to their launcher), wait until it is
     pending in every rank, then let them go on: the signal lands at this exact point of the
-    run, however loaded the machine, instead of wherever the run has got to by then."""
+    run, however loaded the machine, instead of wherever the run has got to by then.
+    Returns what ``observe()`` saw while the ranks stood still."""
     with frozen(pids):
+        seen = observe()
         for pid in pids:
             assert all(has_signal(pid, "SigCgt", s) for s in (signal.SIGTERM, signal.SIGUSR1)), \
                 f"rank process {pid} does not catch SIGTERM and SIGUSR1 here: they would kill it"
         send()
         wait_for(lambda: all(has_signal(p, "ShdPnd", signum) or has_signal(p, "SigPnd", signum)
                              for p in pids), 60, f"signal {signum} to reach every rank")
+    return seen
 
 
 # -- Slurm ---------------------------------------------------------------------------

@@ -4,6 +4,7 @@ and nothing half-written."""
 
 import datetime
 import json
+import signal
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -36,20 +37,33 @@ def tmpfs(path, options):
 def test_a_second_run_on_a_folder_in_use_is_refused(mnist_h5, tmp_path):
     out = tmp_path / "run"
     first = subprocess.Popen([sys.executable, "-m", "distnn.train", "--data", str(mnist_h5),
-                              "--out", str(out), *ARGS], cwd=ROOT, env=run_env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: (out / "config.json").exists(), 60, "the first run to start")
-    with frozen(rank_pids(out)):  # still running while the others try
+                              "--out", str(out), *ARGS, "--epochs", "100"], cwd=ROOT,
+                             env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    holder = f"run of pid {first.pid}"
+    wait_for(lambda: holder in lock_text(out), 60, "the first run to lock its folder")
+    pids = rank_pids(out)
+    assert pids == [first.pid]  # 100 epochs: it is far from done
+    with frozen(pids):  # it holds the folder while the others try
         again = launch_train(["--data", mnist_h5, "--out", out, *ARGS], ranks=2, timeout=60)
         resumed = launch_train(["--data", mnist_h5, "--out", out, *ARGS, "--resume"], timeout=60)
-    assert first.wait(timeout=120) == 0, first.communicate()[1]
+        first.send_signal(signal.SIGUSR1)  # then let it stop
     for result in (again, resumed):
         assert result.returncode == EXIT_BAD_INPUT
-        assert f"--out {out}: in use by run of pid {first.pid}" in error_line(result)
-    assert json.loads((out / "summary.json").read_text())["world_size"] == 1
-    assert [r["epoch"] for r in metrics_records(out)] == [0, 1, 2]
+        assert f"--out {out}: in use by {holder} on " in error_line(result)
+    _, err = first.communicate(timeout=60)
+    assert first.returncode == 75, err  # undisturbed: it stops at the signal with a checkpoint
+    assert json.loads((out / "config.json").read_text())["epochs"] == 100  # the first run's
     later = launch_train(["--data", mnist_h5, "--out", out, *ARGS, "--resume"], ranks=2)
     assert later.returncode == 0, later.stderr  # the lock went with the first run
+    assert [r["epoch"] for r in metrics_records(out)] == [0, 1, 2]
+
+
+def lock_text(out):
+    try:
+        return (out / ".lock").read_text()
+    except OSError:
+        return ""
 
 
 def test_default_folders_are_unique_within_a_second(tmp_path):
@@ -60,6 +74,7 @@ def test_default_folders_are_unique_within_a_second(tmp_path):
 
 
 def test_runs_started_together_without_out_get_their_own_folders(mnist_h5, tmp_path):
+    """Usually in the same second (the name clash itself is tested just above)."""
     command = [sys.executable, "-m", "distnn.train", "--data", str(mnist_h5), *ARGS]
     jobs = [subprocess.Popen(command, cwd=tmp_path, env=run_env(), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True) for _ in range(2)]

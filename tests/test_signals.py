@@ -1,11 +1,13 @@
 """Stop signals at every moment of a run, alone, under mpirun and under srun.
 
-Every trial must end within 60 s with exit 0 and complete outputs (the run had
-already finished) or exit 75 and a checkpoint; a signal never kills a rank and
-never leaves a job hanging or a file half-written. Where the test needs the
-signal to land at one point of the run (start-up, a checkpoint), it stops the
-ranks there, sends the signal, waits until every rank holds it pending and lets
-them go on (``deliver_while_frozen``), so no trial depends on the machine's speed.
+A signal that comes before the last step must give exit 75 and a checkpoint at
+the step the run stopped after; one that comes after it, exit 0 and the outputs
+of an uninterrupted run. No signal may kill a rank, leave a job hanging (every
+trial ends within 60 s) or leave a file half-written. Where a trial needs the
+signal to land at one point (start-up, a checkpoint, ...), it stops the ranks
+there, sends the signal, waits until every rank holds it pending and lets them
+go on (``deliver_while_frozen``); those runs are long (30 epochs) and stop at the
+signal, so however slowly the test itself runs, the signal lands before the end.
 """
 
 import itertools
@@ -23,6 +25,7 @@ from distnn import checkpoint
 
 ARGS = ["--train-limit", "2000", "--val-size", "200", "--epochs", "3", "--layers", "784,32,10",
         "--batch-size", "32", "--block-size", "4", "--checkpoint-every", "20", "--log-every", "0"]
+LONG = [*ARGS, "--epochs", "30"]  # the held trials: stopped long before their end
 EXIT_STOPPED = 75
 RANKS = {"python": 1, "mpirun": 2, "srun": 2}
 # Where the ranks are held while the signal reaches them (every one must give exit 75)...
@@ -33,7 +36,7 @@ HELD = {
     "mid-step": "the run is 30 ms past its first checkpoint: in a step, most likely",
     "epoch end": "epoch 1's record is written: its checkpoint is still to come",
 }
-# ...and moments at the end, where the signal is sent at once, repeated (exit 0 or 75)
+# ...and moments after the last step, where the signal is sent at once, repeated (exit 0)
 AT_THE_END = {
     "final write": "rank 0 writes model.h5 (its temporary file is there), or just did",
     "finished": "model.h5 is there",
@@ -48,8 +51,8 @@ def uninterrupted(mnist_h5, tmp_path_factory):
     return trained(["--data", mnist_h5, *ARGS], tmp_path_factory.mktemp("uninterrupted"))
 
 
-def start(launcher, out, data):
-    train = [sys.executable, "-m", "distnn.train", "--data", str(data), "--out", str(out), *ARGS]
+def start(launcher, out, data, args):
+    train = [sys.executable, "-m", "distnn.train", "--data", str(data), "--out", str(out), *args]
     name = None
     if launcher == "mpirun":
         train = [find_mpirun(), "-n", "2", *train]
@@ -69,10 +72,6 @@ def sender(launcher, job, name, signum):
         return lambda: subprocess.run(["scancel", f"--signal={signum.name}", "--name", name],
                                       timeout=30)
     return lambda: job.send_signal(signum)
-
-
-def newest_file(out, pattern):
-    return lambda: sorted(Path(out).rglob(pattern)) or None
 
 
 def send_at(moment, launcher, job, name, out, signum):
@@ -96,7 +95,9 @@ def send_at(moment, launcher, job, name, out, signum):
                  or newest(out / "checkpoints", "ckpt-*.h5"), 60, "the first checkpoint", 0.001)
         if moment == "mid-step":
             time.sleep(0.03)  # choosing a point of the run, not waiting for something
-    deliver_while_frozen(rank_pids(out), sender(launcher, job, name, signum), signum)
+    pids = rank_pids(out)
+    assert len(pids) == RANKS[launcher] and not (out / "summary.json").exists()
+    deliver_while_frozen(pids, sender(launcher, job, name, signum), signum)
 
 
 def newest(folder, pattern):
@@ -132,7 +133,7 @@ def test_stop_signal_at_every_moment(launcher, moment, trial, signum, uninterrup
     if launcher == "srun":
         need_slurm()
     out = tmp_path / "run"
-    job, name = start(launcher, out, mnist_h5)
+    job, name = start(launcher, out, mnist_h5, LONG if moment in HELD else ARGS)
     try:
         send_at(moment, launcher, job, name, out, signum)
         _, err = job.communicate(timeout=60)
@@ -140,7 +141,9 @@ def test_stop_signal_at_every_moment(launcher, moment, trial, signum, uninterrup
         if job.poll() is None:
             job.kill()
             job.communicate()
-    assert job.returncode in ((EXIT_STOPPED,) if moment in HELD else (0, EXIT_STOPPED)), err
+            if name:  # srun's tasks outlive a killed srun
+                subprocess.run(["scancel", "--name", name], timeout=30)
+    assert job.returncode == (EXIT_STOPPED if moment in HELD else 0), err
     assert "Traceback" not in err and "Killed" not in err, err
     assert not list(out.rglob(".*.tmp")), "temporary files left behind"
     if job.returncode == EXIT_STOPPED:
@@ -153,14 +156,17 @@ def test_stop_signal_at_every_moment(launcher, moment, trial, signum, uninterrup
         assert run_result(out) == uninterrupted
 
 
-def test_a_stop_before_the_first_step_resumes_to_the_same_result(uninterrupted, mnist_h5,
-                                                                   tmp_path):
+def test_a_stop_in_start_up_resumes_to_the_same_result(uninterrupted, mnist_h5, tmp_path):
+    """Stopped as soon as it catches the signals: a checkpoint after step 1 (when the run was
+    still starting up, as it is unless this test ran very late), resumed on 2 ranks."""
     out = tmp_path / "run"
-    job, _ = start("python", out, mnist_h5)
-    pids = wait_for(lambda: catching_ranks(out, 1), 60, "the run to catch stop signals", 0.002)
-    deliver_while_frozen(pids, sender("python", job, None, signal.SIGUSR1), signal.SIGUSR1)
+    job, _ = start("python", out, mnist_h5, LONG)
+    pids = wait_for(lambda: catching_ranks(out, 1), 60, "the run to catch stop signals", 0.001)
+    starting = deliver_while_frozen(pids, sender("python", job, None, signal.SIGUSR1),
+                                    signal.SIGUSR1, observe=lambda: not (out / ".lock").exists())
     _, err = job.communicate(timeout=60)
-    assert job.returncode == EXIT_STOPPED and "stopped after step 1," in err, err
+    assert job.returncode == EXIT_STOPPED, err
+    assert "stopped after step 1," in err or not starting, err
     resumed = launch_train(["--data", mnist_h5, "--out", out, *ARGS, "--resume"], ranks=2)
     assert resumed.returncode == 0, resumed.stderr
     assert run_result(out) == uninterrupted
