@@ -12,6 +12,7 @@ from distnn import activations, losses
 from distnn.errors import UserError
 
 DEFAULT_DATA = "data/mnist.h5"
+DTYPES = ("float32", "float64")
 
 
 @dataclasses.dataclass
@@ -121,7 +122,7 @@ def build_parser():
                    help="stop after this many steps in total (default 0: no limit)")
     p.add_argument("--seed", type=int, default=d.seed,
                    help="seed for initialisation, validation split and shuffling (default 0)")
-    p.add_argument("--dtype", default=d.dtype, choices=["float32", "float64"],
+    p.add_argument("--dtype", default=d.dtype, choices=list(DTYPES),
                    help="parameter and compute precision (default float32)")
     p.add_argument("--val-size", type=int, default=d.val_size,
                    help=f"training images held out for validation, seeded (default {d.val_size}; 0 allowed)")

@@ -50,9 +50,10 @@ class Dataset:
         self.file = h5py.File(self.path, "r")
         counts = {"train": n, "test": self.file_sizes["test"]}
         self.labels = {split: self._load_labels(split)[:count] for split, count in counts.items()}
-        self.row_sha256 = {split: self._load(split, "image_sha256", count)
-                           for split, count in counts.items()}
-        self.fingerprint = fingerprint(self.file)
+        every_row_sha256 = {split: self._load(split, "image_sha256", self.file_sizes[split])
+                            for split in counts}
+        self.row_sha256 = {split: every_row_sha256[split][:count] for split, count in counts.items()}
+        self.fingerprint = fingerprint(self.file, every_row_sha256)
         self.images = {}
         if not stream:
             for split, count in counts.items():
@@ -171,13 +172,13 @@ def describe_rows(rows):
     return "rows " + text + (f", ... ({len(rows)} rows)" if len(rows) > 5 else "")
 
 
-def fingerprint(f):
+def fingerprint(f, row_sha256):
     """SHA-256 identifying a data file's content: its attributes, shapes and content hashes
-    (the labels' SHA-256 and a SHA-256 over the image rows' SHA-256s)."""
+    (the labels' SHA-256 and a SHA-256 over the image rows' SHA-256s, ``row_sha256``)."""
     ident = {key: str(value) for key, value in f.attrs.items()}
     for split in schema.SPLITS:
         ident.update({f"{split}/{kind}": list(f[f"{split}/{kind}"].shape)
                       for kind in ("images", "labels")})
         ident[f"{split}/labels sha256"] = str(f[f"{split}/labels"].attrs["sha256"])
-        ident[f"{split}/image_sha256"] = hashlib.sha256(f[f"{split}/image_sha256"][...]).hexdigest()
+        ident[f"{split}/image_sha256"] = hashlib.sha256(row_sha256[split]).hexdigest()
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()

@@ -18,6 +18,7 @@ import numpy as np
 
 from data_prep.files import atomic_write, reason
 from distnn import activations, losses
+from distnn.config import DTYPES
 from distnn.errors import OutputError, UserError
 
 
@@ -30,11 +31,16 @@ def writing(path):
         raise OutputError(f"cannot write {path}: {reason(exc)}") from None
 
 
+def write_whole(path, write):
+    """``data_prep.files.atomic_write`` for an output: a failure is an OutputError naming it."""
+    with writing(path):
+        atomic_write(path, write)
+
+
 def write_json(path, obj):
     def write(tmp):
         Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    with writing(path):
-        atomic_write(path, write)
+    write_whole(path, write)
 
 
 def save_model(path, params, layers, activation, loss, positive_digit=None):
@@ -51,8 +57,7 @@ def save_model(path, params, layers, activation, loss, positive_digit=None):
             for i, (W, b) in enumerate(params):
                 f[f"layers/{i}/W"] = W
                 f[f"layers/{i}/b"] = b
-    with writing(path):
-        atomic_write(path, write)
+    write_whole(path, write)
 
 
 def load_model(path, dtype=None):
@@ -82,7 +87,7 @@ def load_model(path, dtype=None):
 def check_model_attrs(path, attrs):
     """UserError unless the model's activation, loss and dtype are ones distnn computes."""
     known = {"activation": list(activations.ACTIVATIONS), "loss": list(losses.LOSSES),
-             "dtype": ["float32", "float64"]}
+             "dtype": list(DTYPES)}
     for key, names in known.items():
         if attrs[key] not in names:
             raise UserError(f"{path}: unknown {key} {attrs[key]!r} (distnn knows "
@@ -101,8 +106,7 @@ class MetricsLog:
         """Replace the file with ``records`` (a resumed run drops lines past its checkpoint)."""
         def write(tmp):
             Path(tmp).write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
-        with writing(self.path):
-            atomic_write(self.path, write)
+        write_whole(self.path, write)
 
     def append(self, record):
         """Add one line, whole or not at all."""

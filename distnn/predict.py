@@ -26,7 +26,6 @@ import numpy as np
 
 from data_prep import PrepError
 from data_prep.csv_source import read_csv_images
-from data_prep.files import atomic_write
 from distnn import model, outputs
 from distnn.config import DEFAULT_DATA
 from distnn.data import Dataset
@@ -131,8 +130,7 @@ def write_predictions(path, guesses, values, with_probabilities):
     def write(tmp):
         with gzip.open(tmp, "wt") as f:
             f.write("\n".join(lines) + "\n")
-    with outputs.writing(path):
-        atomic_write(path, write)
+    outputs.write_whole(path, write)
 
 
 def show_digits(path, images, labels, captions, probs, guesses, names, count, seed):

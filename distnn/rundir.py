@@ -82,7 +82,8 @@ def claim(out, resume):
 
 
 def make(path):
-    """Create ``path`` (and its parents) if needed; True if this call created it."""
+    """Create ``path`` (and its parents) if needed; True if this call created it, False
+    if it was a folder already."""
     try:
         path.mkdir(parents=True)
         return True
@@ -100,13 +101,8 @@ def unique_default(parent=Path("runs"), now=None):
     make(parent)
     for n in range(1, 1000):
         path = parent / (stamp if n == 1 else f"{stamp}-{n}")
-        try:
-            path.mkdir()
+        if make(path):  # mkdir is exclusive: one run wins each name
             return path
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            raise UserError(f"--out {shown(path)}: cannot create it: {reason(exc)}") from None
     raise UserError(f"{parent}: 999 runs started in the second {stamp}; use --out")
 
 

@@ -123,15 +123,33 @@ def mnist_arrays(path, n_train=None, n_test=None):
                 f["test/images"][:n_test], f["test/labels"][:n_test])
 
 
-def zero_chunk(path, dataset, index):
-    """Zero one stored chunk of ``dataset`` on disk, its Fletcher-32 checksum included
-    (the checksum of zeros is zero, so HDF5 still reads it); return its first row."""
+def damage_chunk(path, dataset, index, damage):
+    """Replace the stored bytes of one chunk of ``dataset`` with ``damage(bytes)``; return
+    the chunk's first row."""
     with h5py.File(path, "r") as f:
         info = f[dataset].id.get_chunk_info(index)
     with open(path, "r+b") as f:
         f.seek(info.byte_offset)
-        f.write(bytes(info.size))
+        stored = f.read(info.size)
+        f.seek(info.byte_offset)
+        f.write(damage(stored))
     return info.chunk_offset[0]
+
+
+def zero_chunk(path, dataset, index):
+    """Zero one chunk on disk, its Fletcher-32 checksum included (the checksum of zeros is
+    zero, so HDF5 still reads it); return its first row."""
+    return damage_chunk(path, dataset, index, lambda stored: bytes(len(stored)))
+
+
+def corrupt_chunk(path, dataset, index):
+    """Flip bytes inside one chunk on disk (HDF5's checksum then fails); return its first row."""
+    def flip(stored):
+        data = bytearray(stored)
+        for k in range(0, 2000, 97):
+            data[5000 + k] ^= 0xFF
+        return bytes(data)
+    return damage_chunk(path, dataset, index, flip)
 
 
 # -- rank processes and signals ------------------------------------------------------

@@ -13,8 +13,8 @@ from pathlib import Path
 import h5py
 import pytest
 
-from conftest import (ROOT, deliver_while_frozen, find_mpirun, frozen, launch_train, rank_pids,
-                      run_env, run_result, trained, wait_for)
+from conftest import (ROOT, corrupt_chunk, deliver_while_frozen, find_mpirun, frozen, launch_train,
+                      rank_pids, run_env, run_result, trained, wait_for)
 from distnn import checkpoint
 
 ARGS = ["--train-limit", "3200", "--val-size", "200", "--epochs", "4", "--layers", "784,64,10",
@@ -181,21 +181,10 @@ def test_ranks_with_different_data_files_are_refused(mnist_h5, tmp_path):
     assert "rank 1 reads a different data file" in result.stderr and "other.h5" in result.stderr
 
 
-def corrupt_chunk(path, chunk_index):
-    """Flip bytes inside one chunk of /train/images; return that chunk's first row."""
-    with h5py.File(path, "r") as f:
-        info = f["train/images"].id.get_chunk_info(chunk_index)
-    data = bytearray(Path(path).read_bytes())
-    for k in range(0, 2000, 97):
-        data[info.byte_offset + 5000 + k] ^= 0xFF
-    Path(path).write_bytes(bytes(data))
-    return info.chunk_offset[0]
-
-
 def test_unreadable_rows_are_named_mid_run_and_at_load(mnist_h5, tmp_path):
     damaged = tmp_path / "damaged.h5"
     shutil.copy(mnist_h5, damaged)
-    first_row = corrupt_chunk(damaged, 5)
+    first_row = corrupt_chunk(damaged, "train/images", 5)
     args = ["--data", damaged, "--train-limit", "3200", "--val-size", "0", "--epochs", "1",
             "--layers", "784,8,10", "--batch-size", "64", "--checkpoint-every", "0"]
     streamed = launch_train([*args, "--stream", "--out", tmp_path / "s"], ranks=2, timeout=120)
