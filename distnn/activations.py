@@ -1,18 +1,19 @@
 """Hidden-layer activations, each forward function beside its derivative.
 
 A derivative takes the pre-activation ``z`` and the activation ``a = f(z)``
-(whichever is cheaper to use) and returns f'(z) elementwise.
+(whichever is cheaper to use) and returns f'(z) elementwise. The curved ones
+come from :mod:`distnn.fixedmath`, so their bits are the same on every machine.
 """
 
 import numpy as np
+
+from distnn import fixedmath
 
 LEAKY_SLOPE = 0.01
 
 
 def sigmoid(z):
-    """1 / (1 + e^-z) as (1 + tanh(z/2)) / 2: one pass, and tanh cannot overflow."""
-    half = z.dtype.type(0.5)
-    return half * (1 + np.tanh(half * z))
+    return fixedmath.sigmoid(z)
 
 
 def sigmoid_grad(z, a):
@@ -20,7 +21,7 @@ def sigmoid_grad(z, a):
 
 
 def tanh(z):
-    return np.tanh(z)
+    return fixedmath.tanh(z)
 
 
 def tanh_grad(z, a):
@@ -44,7 +45,7 @@ def leaky_relu_grad(z, a):
 
 
 def elu(z):
-    return np.where(z > 0, z, np.expm1(np.minimum(z, 0)))
+    return np.where(z > 0, z, fixedmath.expm1(np.minimum(z, 0)))
 
 
 def elu_grad(z, a):
@@ -53,7 +54,7 @@ def elu_grad(z, a):
 
 def softplus(z):
     """log(1 + e^z), stable for large |z|."""
-    return np.logaddexp(z.dtype.type(0), z)
+    return fixedmath.softplus(z)
 
 
 def softplus_grad(z, a):

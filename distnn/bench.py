@@ -1,14 +1,14 @@
 """``python -m distnn.bench``: how fast exact training is, where the time goes, and the limit.
 
-For one configuration (default 784-256-10 sigmoid/softmax, batch 256, block 32,
-float32) it measures, on real MNIST rows:
+For one configuration (default 784-256-10 sigmoid/softmax, batch 256, float32) it measures, on real MNIST rows:
 
 - this machine's GEMM rate (float32 and float64) for the first layer's shape,
   and from it an upper bound on samples/s (per sample: 2 x weights flops forward,
   2 x weights for the weight gradients, 2 x the weights past the first layer
   for the deltas);
-- a plain numpy loop of the same network in one process, with ordinary float
-  reduction (``model.loss_and_grads`` + ``sgd_step``): the in-run reference;
+- a plain numpy loop of the same network in one process (BLAS products,
+  numpy's tanh and exp, numpy's sums: :func:`plain_step`), whose bits depend
+  on the machine: the in-run reference for the cost of fixed bits;
 - exact training with the trainer's own per-step code under ``mpirun -n P`` for
   each rank count (it launches itself), ranks above the core count marked as
   oversubscribed: samples/s, per-step milliseconds in data loading, compute
@@ -56,7 +56,6 @@ def parse_args(argv=None):
     p.add_argument("--data", default=DEFAULT_DATA, help="prepared HDF5 file (default data/mnist.h5)")
     p.add_argument("--layers", default="784,256,10", help="layer widths (default 784,256,10)")
     p.add_argument("--batch-size", type=int, default=256, help="global batch size (default 256)")
-    p.add_argument("--block-size", type=int, default=32, help="rows per block (default 32)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="precision")
     p.add_argument("--ranks", default="1,2,4", help="rank counts to measure (default 1,2,4)")
     p.add_argument("--steps", type=int, default=200, help="steps per repetition (default 200)")
@@ -77,7 +76,7 @@ def window_of(args):
 
 def config_of(args):
     return Config(data=args.data, layers=tuple(int(w) for w in args.layers.split(",")),
-                  batch_size=args.batch_size, block_size=args.block_size, dtype=args.dtype)
+                  batch_size=args.batch_size, dtype=args.dtype)
 
 
 def median_of(fn, repeats):
@@ -113,9 +112,28 @@ def gemm_rate(dtype, rows, fan_in, fan_out, repeats):
     return 2 * rows * fan_in * fan_out / median_of(once, repeats) / 1e9
 
 
+def plain_step(params, X, T, lr):
+    """One SGD step of the sigmoid/softmax network in ordinary numpy: BLAS products,
+    numpy's tanh and exp and numpy's sums, in the parameters' dtype."""
+    half = X.dtype.type(0.5)
+    acts = [X]
+    for W, b in params[:-1]:
+        acts.append(half * (1 + np.tanh(half * (acts[-1] @ W + b))))
+    z = acts[-1] @ params[-1][0] + params[-1][1]
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    delta = (e / e.sum(axis=1, keepdims=True) - T) / X.dtype.type(len(X))
+    rate, new = X.dtype.type(lr), []
+    for layer in range(len(params) - 1, -1, -1):
+        W, b = params[layer]
+        new.insert(0, (W - rate * (acts[layer].T @ delta), b - rate * delta.sum(axis=0)))
+        if layer:
+            delta = (delta @ W.T) * acts[layer] * (1 - acts[layer])
+    return new
+
+
 def plain_step_loop(cfg, data, rows, window):
-    """A timer for the plain numpy loop (one process, ordinary float reduction); each
-    call returns the seconds of every ``window`` steps."""
+    """A timer for the plain numpy loop (one process); each call returns the seconds
+    of every ``window`` steps."""
     batches = [data.get("train", r) for r in rows]
 
     def once():
@@ -123,8 +141,8 @@ def plain_step_loop(cfg, data, rows, window):
         windows, start = [], time.perf_counter()
         for i, (images, labels) in enumerate(batches):
             X = images.astype(cfg.np_dtype) / cfg.np_dtype(255)
-            _, grads = model.loss_and_grads(params, X, labels, cfg.activation, cfg.loss)
-            params = model.sgd_step(params, grads, cfg.lr)
+            T = np.eye(cfg.layers[-1], dtype=cfg.np_dtype)[labels]
+            params = plain_step(params, X, T, cfg.lr)
             if (i + 1) % window == 0:
                 windows.append(time.perf_counter() - start)
                 start = time.perf_counter()
@@ -152,12 +170,11 @@ def exact_step_loop(cfg, data, rows, comm, phases, window):
         start = time.perf_counter()
         for i, batch in enumerate(rows):
             t0 = time.perf_counter()
-            pixels, T, mask, total_rows = local_share(data, batch, cfg, comm)
+            pixels, T = local_share(data, batch, cfg, comm)
             t1 = time.perf_counter()
             used = columns(data, batch, pixels)
             t2 = time.perf_counter()
-            params, _ = train_step(params, cfg, pixels, T, mask, used, reducer, cfg.batch_size,
-                                   total_rows)
+            params, _ = train_step(params, cfg, pixels, T, used, reducer, cfg.batch_size)
             t3 = time.perf_counter()
             s = reducer.seconds
             reduction = (t2 - t1) + s["agree"] + s["round"] + s["allreduce"]
@@ -210,7 +227,7 @@ def run_worker(args, ranks, repeats, stream=False, independent=False):
         command = [str(mpirun) if mpirun.exists() else "mpirun", "-n", str(ranks), sys.executable,
                    "-m", "distnn.bench", "--worker", "--result", str(out), "--data", args.data,
                    "--layers", args.layers, "--batch-size", str(args.batch_size),
-                   "--block-size", str(args.block_size), "--dtype", args.dtype,
+                   "--dtype", args.dtype,
                    "--steps", str(args.steps), "--window", str(args.window),
                    "--repeats", str(repeats)]
         done = subprocess.run(command + (["--stream"] if stream else [])
@@ -257,7 +274,7 @@ def markdown(report):
     fan_in, fan_out = cfg["layers"].split(",")[:2]
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores; Python {m['python']}, numpy {m['numpy']}, "
              f"{m['blas']}; {m['mpi']}. One BLAS thread per process.",
-             f"Network {cfg['layers']}, batch {cfg['batch_size']}, block {cfg['block_size']}, "
+             f"Network {cfg['layers']}, batch {cfg['batch_size']}, "
              f"{cfg['dtype']}; {cfg['repeats']} repetitions of {cfg['steps']} steps after a "
              f"warm-up; samples/s from the median {report['window']}-step window.",
              "",
@@ -306,8 +323,7 @@ def main(argv=None):
     plain_s = statistics.median(w for p, _ in pairs for w in p)
     exact_s = statistics.median(w for _, e in pairs for w in e)
     samples = window * cfg.batch_size
-    report = {"config": {k: getattr(args, k) for k in ("layers", "batch_size", "block_size",
-                                                        "dtype", "steps", "repeats")},
+    report = {"config": {k: getattr(args, k) for k in ("layers", "batch_size", "dtype", "steps", "repeats")},
               "window": window,
               "machine": machine(), "gemm_gflops": rates,
               "bound_samples_per_s": rates[cfg.dtype] * 1e9 / flops_per_sample,

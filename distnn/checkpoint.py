@@ -28,7 +28,7 @@ from distnn.comm import params_hash
 from distnn.outputs import writing
 
 FORMAT = "distnn-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: fixed-result arithmetic (other bits than version 1's)
 NAME = re.compile(r"^ckpt-(\d{9})\.h5$")
 
 
@@ -90,8 +90,12 @@ def load(path):
     """Read and verify one checkpoint; return (state, config_json, data_fingerprint)."""
     try:
         with h5py.File(path, "r") as f:
-            if f.attrs.get("format") != FORMAT or f.attrs.get("version") != VERSION:
-                raise CheckpointError(f"{path}: not a distnn checkpoint (version {VERSION})")
+            if f.attrs.get("format") != FORMAT:
+                raise CheckpointError(f"{path}: not a distnn checkpoint")
+            if f.attrs.get("version") != VERSION:
+                raise CheckpointError(f"{path}: checkpoint version {f.attrs.get('version')}, "
+                                      f"written by another distnn release whose arithmetic gives "
+                                      f"other bits; this one continues version {VERSION} only")
             n_layers = len(f["params"])
             params = [(f[f"params/{i}/W"][...], f[f"params/{i}/b"][...]) for i in range(n_layers)]
             state = TrainState(params=params, step=int(f.attrs["step"]),

@@ -23,7 +23,6 @@ class Config:
     loss: str = "ce"
     positive_digit: int | None = None  # a digit 0-9: train it against the rest (one output unit)
     batch_size: int = 64
-    block_size: int = 8
     lr: float = 1.0
     epochs: int = 30
     max_steps: int = 0
@@ -57,7 +56,7 @@ class Config:
 # file is compared by content, not path; epochs, max-steps, stream and the
 # checkpoint settings may change between an interrupted run and its resumption.)
 RESULT_FIELDS = ("layers", "activation", "loss", "positive_digit", "dtype", "batch_size",
-                 "block_size", "lr", "seed", "val_size", "train_limit", "shuffle")
+                 "lr", "seed", "val_size", "train_limit", "shuffle")
 
 
 def differences(saved, current, fields=RESULT_FIELDS):
@@ -96,7 +95,8 @@ def build_parser():
     p = Parser(
         prog="python -m distnn.train",
         description="Train an MLP with synchronous data-parallel SGD over MPI ranks; "
-                    "the result is bit-identical for any number of ranks.")
+                    "the result is bit-identical for any number of ranks and on any machine "
+                    "(any BLAS, CPU or supported numpy version, given IEEE-754 arithmetic).")
     p.add_argument("--data", default=d.data,
                    help=f"prepared HDF5 file (default {d.data}, prepared from the bundled MNIST if missing)")
     p.add_argument("--layers", type=_layers, default=d.layers,
@@ -113,9 +113,6 @@ def build_parser():
                         "with --loss bce (or mse)")
     p.add_argument("--batch-size", type=int, default=d.batch_size,
                    help=f"global mini-batch size, split across all ranks (default {d.batch_size})")
-    p.add_argument("--block-size", type=int, default=d.block_size,
-                   help="rows per block, the unit of work a rank computes; independent of the "
-                        f"rank count, it fixes the result's bits (default {d.block_size})")
     p.add_argument("--lr", type=float, default=d.lr, help=f"learning rate (default {d.lr})")
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"epochs (default {d.epochs})")
     p.add_argument("--max-steps", type=int, default=d.max_steps,
@@ -162,7 +159,7 @@ def from_args(args):
 
 
 def check(config):
-    positive = {"--batch-size": config.batch_size, "--block-size": config.block_size,
+    positive = {"--batch-size": config.batch_size,
                 "--lr": config.lr, "--epochs": config.epochs}
     for flag, value in positive.items():
         if not value > 0:

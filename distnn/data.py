@@ -24,6 +24,7 @@ import numpy as np
 from data_prep import PrepError, schema
 from data_prep.files import reason
 from distnn.errors import UserError
+from distnn.rng import Stream
 
 READ_ROWS = 4096  # rows per read when loading into memory
 
@@ -43,7 +44,7 @@ class Dataset:
         n = available if not train_limit else min(train_limit, available)
         if val_size >= n:
             raise UserError(f"--val-size {val_size} leaves no training images out of {n}")
-        order = np.random.default_rng(seed).permutation(n)
+        order = Stream((seed, 0)).permutation(n)  # epochs count from 1
         self.rows = {"train": np.sort(order[val_size:]), "val": np.sort(order[:val_size]),
                      "test": np.arange(self.file_sizes["test"])}
         self.stream = stream
@@ -73,7 +74,7 @@ class Dataset:
         n = self.size("train")
         if not shuffle:
             return np.arange(n)
-        return np.random.default_rng([seed, epoch]).permutation(n)
+        return Stream((seed, epoch)).permutation(n)
 
     def nonzero_columns(self, positions):
         """Pixel columns non-zero in any of these training rows, without reading them

@@ -19,14 +19,18 @@ in a global batch, ``H = 52 - ceil(log2 N)`` bits are available per summand:
   ``H - 8`` bits for the delta (36 bits at N = 256); deeper layers give each
   factor about ``H / 2`` bits (22 at N = 256).
 
-The rows' own values come from fixed-size blocks whose bits do not depend on
-the rank count, so the rounded integers, and hence the sums, do not either.
+Each row's own values have fixed bits whatever rows share its products
+(:mod:`distnn.products`), and the grids come from maxima over the whole global
+batch, so the rounded integers, and hence the sums, do not depend on the rank
+count either.
 """
 
 import time
 
 import numpy as np
 from mpi4py import MPI
+
+from distnn import products
 
 EMPTY = -(2**40)  # exponent of a part with no nonzero values on this rank
 MIN_EXP = -900    # parts below 2**-900 count as zero (keeps 2**shift finite)
@@ -191,7 +195,7 @@ class ExactGradients:
             d_shift = d_bits - d_exps[l]
             qd = on_grid(d, d_shift)
             g0 = time.perf_counter()
-            np.matmul(qa.T, qd, out=w_sums[l])
+            products.GEMM(qa.T, qd, out=w_sums[l])
             gemm += time.perf_counter() - g0
             np.sum(qd, axis=0, out=self._part(2 * l))
             scales.append((a_shift + d_shift, d_shift))

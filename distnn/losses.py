@@ -7,25 +7,14 @@
 ``per_sample_loss`` and ``output_delta`` work on the output pre-activation
 ``z`` (logits) so that log(0) never happens: log-softmax and softplus are
 computed from ``z`` directly. ``output_delta`` is dLoss_i/dz for each sample i
-(not divided by the batch size).
+(not divided by the batch size). Functions and sums over outputs come from
+:mod:`distnn.fixedmath`: their bits are the same on every machine.
 """
 
-import numpy as np
-
 from distnn.activations import sigmoid, softplus
+from distnn.fixedmath import log_softmax, row_sum, softmax
 
 LOSSES = ("ce", "mse", "bce")
-
-
-def softmax(z):
-    shifted = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(shifted)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def log_softmax(z):
-    shifted = z - z.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
 def output(loss, z):
@@ -36,10 +25,10 @@ def output(loss, z):
 def per_sample_loss(loss, z, y, t):
     """Loss of each sample (summed over outputs); shape z.shape[:-1]."""
     if loss == "ce":
-        return -(t * log_softmax(z)).sum(axis=-1)
+        return -row_sum(t * log_softmax(z))
     if loss == "mse":
-        return 0.5 * ((t - y) ** 2).sum(axis=-1)
-    return (t * softplus(-z) + (1 - t) * softplus(z)).sum(axis=-1)
+        return 0.5 * row_sum((t - y) * (t - y))
+    return row_sum(t * softplus(-z) + (1 - t) * softplus(z))
 
 
 def output_delta(loss, z, y, t):

@@ -6,15 +6,19 @@ use one activation from :mod:`distnn.activations`; the output layer and loss
 come as a pair from :mod:`distnn.losses`.
 
 The public API (``init_params``, ``forward``, ``loss_and_grads``, ``sgd_step``,
-``metrics``) works on a batch ``X`` of shape (N, fan_in). The building blocks
-``forward_pass`` and ``layer_deltas`` also accept stacks of blocks shaped
-(B, rows, fan_in): the distributed trainer runs them block by block so every
-block's bits are independent of how many ranks share the batch.
+``metrics``) works on a batch ``X`` of shape (N, fan_in). Every value has
+fixed bits: the products are :func:`distnn.products.product`, the functions
+:mod:`distnn.fixedmath`'s and the sums over rows taken in a fixed order, so
+a row's outputs do not depend on the machine, the BLAS or the rows beside it.
+The trainer uses ``forward_pass`` and ``layer_deltas`` on each rank's rows.
 """
 
 import numpy as np
 
 from distnn import activations, losses
+from distnn.fixedmath import log, log1p, row_sum
+from distnn.products import product
+from distnn.rng import Stream
 
 HE_INIT = ("relu", "leaky_relu", "elu")
 CLIP = 1e-12  # keeps log() away from 0 in the cross-entropy metric
@@ -25,50 +29,61 @@ def init_params(layers, seed=0, activation="sigmoid", dtype=np.float32):
 
     Weights: He normal (std sqrt(2 / fan_in)) for relu-like activations, Glorot
     uniform (limit sqrt(6 / (fan_in + fan_out))) otherwise; biases zero. Values
-    are drawn in float64 and then cast, so float32 and float64 runs start from
-    the same numbers.
+    are drawn in float64 from the seed's raw random bits (:mod:`distnn.rng`)
+    and then cast, so float32 and float64 runs start from the same numbers.
     """
     layers = check_layers(layers)
     activations.get(activation)
     dtype = check_dtype(dtype)
-    rng = np.random.default_rng(seed)
+    stream = Stream(seed)
     params = []
     for fan_in, fan_out in zip(layers[:-1], layers[1:]):
         if activation in HE_INIT:
-            W = rng.normal(0.0, np.sqrt(2.0 / fan_in), size=(fan_in, fan_out))
+            W = stream.normal((fan_in, fan_out), np.sqrt(2.0 / fan_in))
         else:
             limit = np.sqrt(6.0 / (fan_in + fan_out))
-            W = rng.uniform(-limit, limit, size=(fan_in, fan_out))
+            W = stream.uniform_range(-limit, limit, (fan_in, fan_out))
         params.append((W.astype(dtype), np.zeros(fan_out, dtype=dtype)))
     return params
 
 
-def forward_pass(params, X, activation="sigmoid", loss="ce"):
+def layer_input(a, W, b, pixels=False):
+    """``a @ W + b`` in W's dtype, its bits fixed. With ``pixels``, ``a`` holds the
+    integers 0..255 and stands for them divided by 255."""
+    if pixels:
+        z = product(np.asarray(a, np.float64), W, W.dtype, integer_bits=8, scale=1 / 255)
+    else:
+        z = product(a, W, W.dtype)
+    return np.add(z, b, out=np.empty(z.shape, W.dtype), dtype=np.float64, casting="unsafe")
+
+
+def forward_pass(params, X, activation="sigmoid", loss="ce", pixels=False):
     """Run the network, keeping what backward needs.
 
     Returns (inputs, zs, y): ``inputs[l]`` is layer l's input, ``zs[l]`` its
-    pre-activation, ``y`` the output values.
+    pre-activation, ``y`` the output values. With ``pixels``, ``X`` holds
+    pixel values 0..255 for inputs in [0, 1] (:func:`layer_input`).
     """
     f, _ = activations.get(activation)
     inputs, zs = [], []
     a = X
     for i, (W, b) in enumerate(params):
         inputs.append(a)
-        z = a @ W + b
+        z = layer_input(a, W, b, pixels=pixels and i == 0)
         zs.append(z)
         a = f(z) if i < len(params) - 1 else losses.output(loss, z)
     return inputs, zs, a
 
 
 def layer_deltas(params, inputs, zs, delta, activation="sigmoid"):
-    """dLoss/dz of every layer, from the output layer's ``delta`` backwards.
-
-    Works on (rows, k) arrays or stacks (B, rows, k).
-    """
+    """dLoss/dz of every layer, from the output layer's ``delta`` (rows, k) backwards."""
     _, f_grad = activations.get(activation)
     deltas = [delta]
     for i in range(len(params) - 1, 0, -1):
-        delta = (delta @ params[i][0].T) * f_grad(zs[i - 1], inputs[i])
+        W = params[i][0]
+        slope = f_grad(zs[i - 1], inputs[i])
+        delta = np.multiply(product(delta, W.T, W.dtype), slope, out=slope, dtype=np.float64,
+                            casting="unsafe")
         deltas.insert(0, delta)
     return deltas
 
@@ -79,7 +94,8 @@ def backward(params, inputs, zs, delta, activation="sigmoid"):
     dW = input^T @ delta and db = sum of delta over rows, for every layer.
     """
     deltas = layer_deltas(params, inputs, zs, delta, activation)
-    return [(np.swapaxes(a, -1, -2) @ d, d.sum(axis=-2)) for a, d in zip(inputs, deltas)]
+    return [(product(a.T, d, d.dtype).astype(d.dtype, copy=False), row_sum(d.T))
+            for a, d in zip(inputs, deltas)]
 
 
 def forward(params, X, activation="sigmoid", loss="ce"):
@@ -118,7 +134,7 @@ def loss_and_grads(params, X, targets, activation="sigmoid", loss="ce"):
     T = targets_for(targets, X.shape[0], params[-1][0].shape[1], X.dtype)
     inputs, zs, y = forward_pass(params, X, activation, loss)
     n = X.shape[0]
-    total = losses.per_sample_loss(loss, zs[-1], y, T).sum()
+    total = row_sum(losses.per_sample_loss(loss, zs[-1], y, T))
     delta = losses.output_delta(loss, zs[-1], y, T) / X.dtype.type(n)
     return float(total / n), backward(params, inputs, zs, delta, activation)
 
@@ -136,16 +152,16 @@ def sgd_step(params, grads, lr):
 def metric_sums(y, t):
     """Per-sample correct (0/1), quadratic cost and cross-entropy cost, in float64.
 
-    Accuracy uses argmax (threshold 0.5 for a single output). The costs follow
-    the source report: quadratic = 1/2 sum (t - y)^2 and cross-entropy =
-    -sum [t ln y + (1 - t) ln(1 - y)], with y clipped to [1e-12, 1 - 1e-12].
+    Accuracy uses argmax (threshold 0.5 for a single output). The costs are
+    quadratic = 1/2 sum (t - y)^2 and cross-entropy = -sum [t ln y + (1 - t) ln(1 - y)],
+    with y clipped to [1e-12, 1 - 1e-12]; sums over outputs are taken in order.
     """
     y = y.astype(np.float64)
     t = t.astype(np.float64)
     correct = is_correct(y, t)
-    quadratic = 0.5 * ((t - y) ** 2).sum(axis=-1)
+    quadratic = 0.5 * row_sum((t - y) * (t - y))
     yc = np.clip(y, CLIP, 1 - CLIP)
-    cross = -(t * np.log(yc) + (1 - t) * np.log(1 - yc)).sum(axis=-1)
+    cross = -row_sum(t * log(yc) + (1 - t) * log1p(-yc))
     return correct.astype(np.float64), quadratic, cross
 
 
@@ -165,9 +181,9 @@ def metrics(params, X, targets, activation="sigmoid", loss="ce"):
     """Accuracy, quadratic cost and cross-entropy cost (means over samples)."""
     y = forward(params, X, activation, loss)
     t = targets_for(targets, y.shape[0], y.shape[1], np.float64)
-    correct, quadratic, cross = metric_sums(y, t)
-    return {"accuracy": float(correct.mean()), "quadratic_cost": float(quadratic.mean()),
-            "cross_entropy": float(cross.mean())}
+    n = y.shape[0]
+    return {name: float(row_sum(values) / n) for name, values in
+            zip(("accuracy", "quadratic_cost", "cross_entropy"), metric_sums(y, t))}
 
 
 def check_layers(layers):

@@ -21,7 +21,7 @@ PANELS = (("acc", "accuracy"), ("quadratic_cost", "quadratic cost"),
 SPLITS = (("train", "-"), ("val", "--"), ("test", ":"))
 FIGSIZE, DPI = (15, 4.5), 100  # 1500 x 450 pixels
 LABEL_KEYS = ("lr", "batch_size", "layers", "activation", "loss", "positive_digit", "dtype",
-              "seed", "block_size")
+              "seed")
 
 
 class PlotError(Exception):

@@ -11,8 +11,8 @@ PredictDigitY.csv.gz); with --probabilities each line is the label followed by
 the ten output values. A model trained on one digit against the rest
 (``--positive-digit D``) predicts 1 (digit D) or 0 (another digit), and its one
 output value is the probability of D. For the test set the accuracy is printed; it equals the
-run's reported test accuracy, since the outputs are computed over the same
-blocks of rows as the trainer's evaluation. Images must be 28x28 (PNG or PGM);
+run's reported test accuracy: each image's outputs have the same bits
+wherever and with whichever images they are computed. Images must be 28x28 (PNG or PGM);
 a light background is inverted to MNIST's white-on-black unless --no-invert.
 Pictures and PNG input need ``pip install 'distnn[plot]'``.
 """
@@ -31,7 +31,8 @@ from distnn.config import DEFAULT_DATA
 from distnn.data import Dataset
 from distnn.errors import OutputError, UserError, cli
 from distnn.plot import PlotError, need_matplotlib, save_png
-from distnn.step import predict, task_labels
+from distnn.rng import Stream
+from distnn.step import output_values, task_labels
 
 PIXELS, SIDE = 784, 28
 
@@ -137,7 +138,7 @@ def show_digits(path, images, labels, captions, probs, guesses, names, count, se
     """A grid of digits, each beside a bar chart of its class probabilities (``names``),
     marked CORRECT/INCORRECT against ``labels`` and titled with ``captions``."""
     plt = need_matplotlib()
-    pick = np.sort(np.random.default_rng(seed).choice(len(images), min(count, len(images)), replace=False))
+    pick = np.sort(Stream(seed).choice(len(images), min(count, len(images))))
     cols = min(4, len(pick))
     rows = -(-len(pick) // cols)
     fig = plt.figure(figsize=(4 * cols, 2.4 * rows), dpi=100)
@@ -193,7 +194,7 @@ def run(args):
         raise UserError(f"{model_path}: the model takes {layers[0]} inputs, but the images have "
                         f"{PIXELS} pixels (28x28)")
     images, labels, files = load_inputs(args)
-    values = predict(params, images, attrs["activation"], attrs["loss"], np.dtype(attrs["dtype"]).type)
+    values = output_values(params, images, attrs["activation"], attrs["loss"])
     digit, guesses = attrs["positive_digit"], model.guess(values)
     if digit is None:
         if labels is not None and labels.max() >= layers[-1]:

@@ -117,7 +117,9 @@ def share_state(comm, state, params):
             state = checkpoint.TrainState(params=params, totals=np.zeros(N_STATS))
         meta = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
                 if f.name != "params"}
-    meta = comm.bcast(meta, root=0)
+        meta = json.dumps({**meta, "totals": [float(t) for t in meta["totals"]]})
+    # as JSON, not pickled numpy objects: ranks may run different numpy versions
+    meta = json.loads(comm.bcast(meta, root=0))
     held = shared(comm, state.params if comm.rank == 0 else params)
     meta["totals"] = np.asarray(meta["totals"], np.float64)
     return checkpoint.TrainState(params=held, **meta)

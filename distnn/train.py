@@ -22,7 +22,7 @@ import numpy as np
 from mpi4py import MPI
 from threadpoolctl import threadpool_limits
 
-from distnn import checkpoint, outputs, rundir, startup
+from distnn import checkpoint, numerics, outputs, rundir, startup
 from distnn import comm as dcomm
 from distnn import config as dconfig
 from distnn.data import Dataset
@@ -100,13 +100,7 @@ def run(cfg, comm=MPI.COMM_SELF, stop=None):
     ``stop`` (a :class:`distnn.stop.StopRequest`) makes every rank stop after
     the step in which any rank received SIGTERM or SIGUSR1.
     """
-    size = comm.size
-    full_blocks = -(-cfg.batch_size // cfg.block_size)
-    if full_blocks < size:
-        fix = (f"lower --block-size to at most {cfg.batch_size // size} or raise --batch-size"
-               if cfg.batch_size >= size else f"raise --batch-size to at least {size}")
-        raise UserError(f"--batch-size {cfg.batch_size} with --block-size {cfg.block_size} gives "
-                        f"{full_blocks} blocks per step for {size} ranks; {fix}", agreed=True)
+    numerics.check(comm)  # every rank computes the reference bits, or none starts
     dcomm.agree(comm, startup.prepare_default_data, cfg, comm)
     data = dcomm.agree(comm, Dataset, cfg.data, cfg.train_limit, cfg.val_size, cfg.seed, cfg.stream)
     try:
@@ -184,12 +178,12 @@ def train_steps(cfg, comm, data, state, metrics_log, config_json, eval_reducer, 
         while state.position < steps_per_epoch and not (cfg.max_steps and state.step >= cfg.max_steps):
             t0 = time.perf_counter()
             batch = order[state.position * cfg.batch_size:(state.position + 1) * cfg.batch_size]
-            pixels, T, mask, total_rows = local_share(data, batch, cfg, comm)
+            pixels, T = local_share(data, batch, cfg, comm)
             columns = batch_columns(data, batch, pixels)
             t1 = time.perf_counter()
             try:
-                new_params, stats = train_step(state.params, cfg, pixels, T, mask, columns, reducer,
-                                               len(batch), total_rows, stop.signum if stop else 0)
+                new_params, stats = train_step(state.params, cfg, pixels, T, columns, reducer,
+                                               len(batch), stop.signum if stop else 0)
             except NonFiniteError:
                 raise Diverged(f"training diverged at epoch {state.epoch}, step {state.step + 1}: "
                                f"the loss or gradients became NaN or infinite; the last good "

@@ -9,7 +9,7 @@ from conftest import run_module
 def test_bench_writes_its_table(mnist_h5, tmp_path):
     out = tmp_path / "bench"
     result = run_module("distnn.bench", "--data", mnist_h5, "--layers", "784,8,10",
-                        "--batch-size", "32", "--block-size", "4", "--ranks", "1,2", "--steps", "4",
+                        "--batch-size", "32", "--ranks", "1,2", "--steps", "4",
                         "--window", "2", "--repeats", "1", "--out", out, timeout=300)
     assert result.returncode == 0, result.stderr
     report = json.loads(out.with_suffix(".json").read_text())

@@ -9,10 +9,10 @@ import pytest
 
 from conftest import launch_train, metrics_records, run_module, run_result
 
-# 500 training rows in batches of 30 (6 blocks of 5): 2 and 3 ranks split every
+# 500 training rows in batches of 30: 2 and 3 ranks split every
 # batch differently, and the final batch of 20 rows leaves 3 ranks uneven.
 BINARY = ["--loss", "bce", "--positive-digit", "3", "--train-limit", "600", "--val-size", "100",
-          "--batch-size", "30", "--block-size", "5", "--epochs", "2", "--lr", "0.5"]
+          "--batch-size", "30", "--epochs", "2", "--lr", "0.5"]
 
 
 @pytest.mark.parametrize("layers", ["784,1", "784,16,1"])
@@ -53,7 +53,7 @@ def test_short_binary_run_beats_always_not_digit(mnist_h5, tmp_path):
     clear = np.abs(p_seven - 0.5) > 1e-5  # the text has 6 significant digits
     assert np.array_equal(guesses[clear], (p_seven[clear] >= 0.5).astype(int))
     accuracy = np.mean(guesses == (test_labels == 7))
-    assert accuracy == summary["test_acc"]  # the same blocks, the same bits
+    assert accuracy == summary["test_acc"]  # each image's outputs have the same bits anywhere
     assert f"accuracy {summary['test_acc']:.4f}" in predicted.stdout
     assert (out / "digits.png").stat().st_size > 0 and (out / "confusion.png").stat().st_size > 0
 
@@ -66,7 +66,7 @@ def test_metrics_start_with_the_initial_parameters(mnist_h5, tmp_path):
     out = tmp_path / "ten"
     result = launch_train(["--data", mnist_h5, "--out", out, "--layers", "784,16,10",
                            "--train-limit", "1000", "--val-size", "200", "--epochs", "1",
-                           "--batch-size", "40", "--block-size", "5"], ranks=2)
+                           "--batch-size", "40"], ranks=2)
     assert result.returncode == 0, result.stderr
     first, last = metrics_records(out)
     assert (first["epoch"], first["step"]) == (0, 0) and last["epoch"] == 1

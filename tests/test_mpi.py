@@ -72,7 +72,7 @@ def test_training_on_world_equals_training_alone(comm, mnist_h5, tmp_path):
     """run() on COMM_WORLD and on COMM_SELF give the same parameters on every rank."""
     from mpi4py import MPI
     shared_out = comm.bcast(str(tmp_path / "world") if comm.rank == 0 else None, root=0)
-    settings = dict(data=str(mnist_h5), layers=(784, 12, 10), batch_size=30, block_size=3,
+    settings = dict(data=str(mnist_h5), layers=(784, 12, 10), batch_size=30,
                     epochs=2, train_limit=400, val_size=40, lr=0.3, quiet=True)
     world_params, world_summary = train.run(Config(out=shared_out, **settings), comm)
     alone_params, alone_summary = train.run(Config(out=str(tmp_path / "alone"), **settings),

@@ -18,7 +18,7 @@ from conftest import (ROOT, corrupt_chunk, deliver_while_frozen, find_mpirun, fr
 from distnn import checkpoint
 
 ARGS = ["--train-limit", "3200", "--val-size", "200", "--epochs", "4", "--layers", "784,64,10",
-        "--batch-size", "32", "--block-size", "4", "--checkpoint-every", "10"]
+        "--batch-size", "32", "--checkpoint-every", "10"]
 EXIT_STOPPED = 75
 
 

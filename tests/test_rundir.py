@@ -19,7 +19,7 @@ from distnn.errors import OutputError
 from distnn.outputs import MetricsLog
 
 ARGS = ["--train-limit", "1000", "--val-size", "100", "--epochs", "2", "--layers", "784,8,10",
-        "--batch-size", "50", "--block-size", "5"]
+        "--batch-size", "50"]
 EXIT_BAD_INPUT, EXIT_OUTPUT = 2, 74
 
 

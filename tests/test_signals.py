@@ -24,7 +24,7 @@ from conftest import (ROOT, catching_ranks, deliver_while_frozen, find_mpirun, l
 from distnn import checkpoint
 
 ARGS = ["--train-limit", "2000", "--val-size", "200", "--epochs", "3", "--layers", "784,32,10",
-        "--batch-size", "32", "--block-size", "4", "--checkpoint-every", "20", "--log-every", "0"]
+        "--batch-size", "32", "--checkpoint-every", "20", "--log-every", "0"]
 LONG = [*ARGS, "--epochs", "30"]  # the held trials: stopped long before their end
 EXIT_STOPPED = 75
 RANKS = {"python": 1, "mpirun": 2, "srun": 2}

@@ -21,7 +21,7 @@ from distnn import checkpoint
 pytestmark = pytest.mark.slurm
 TRAIN_SBATCH = ROOT / "launch" / "slurm" / "train.sbatch"
 ARGS = ["--train-limit", "3200", "--val-size", "200", "--epochs", "3", "--layers", "784,32,10",
-        "--batch-size", "32", "--block-size", "4", "--checkpoint-every", "10"]
+        "--batch-size", "32", "--checkpoint-every", "10"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -139,7 +139,7 @@ def test_sweep_array_and_collected_table(mnist_h5, tmp_path):
     submitted = subprocess.run(
         [sys.executable, "-m", "launch.sweep", "submit", str(folder), "--lr", "0.1,1.0",
          "--batch-size", "32,64", "--wait", "--", "--data", str(mnist_h5), "--train-limit", "1000",
-         "--val-size", "100", "--epochs", "1", "--layers", "784,16,10", "--block-size", "4"],
+         "--val-size", "100", "--epochs", "1", "--layers", "784,16,10"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert submitted.returncode == 0, submitted.stderr
     assert "submitted 4 settings as job array" in submitted.stdout

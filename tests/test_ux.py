@@ -18,7 +18,7 @@ from conftest import ROOT, launch_train, mnist_arrays, run_env, run_module, writ
 from distnn import model, outputs
 
 TRAIN = ["--train-limit", "3000", "--val-size", "300", "--epochs", "2", "--layers", "784,16,10",
-         "--batch-size", "32", "--block-size", "4"]
+         "--batch-size", "32"]
 
 
 def png_size(path):
