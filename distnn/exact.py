@@ -33,7 +33,7 @@ from mpi4py import MPI
 from distnn import products
 
 EMPTY = -(2**40)  # exponent of a part with no nonzero values on this rank
-MIN_EXP = -900    # parts below 2**-900 count as zero (keeps 2**shift finite)
+MIN_EXP = products.MIN_EXP  # parts below 2**-900 count as zero (keeps 2**shift finite)
 
 
 class NonFiniteError(ArithmeticError):
@@ -42,7 +42,7 @@ class NonFiniteError(ArithmeticError):
 
 def headroom_bits(total_rows):
     """Bits per summand such that ``total_rows`` of them stay below 2**52."""
-    return 52 - max(int(total_rows) - 1, 0).bit_length()
+    return 52 - products.ceil_log2(total_rows)
 
 
 def exponent(x):

@@ -46,6 +46,7 @@ def pow2(n):
 
 
 def ceil_log2(k):
+    """The smallest c with k <= 2**c (0 for k <= 1): bits a sum of k terms can add."""
     return max(int(k) - 1, 0).bit_length()
 
 

@@ -32,15 +32,6 @@ def task_labels(labels, positive_digit):
     return labels if positive_digit is None else (labels == positive_digit).astype(np.int64)
 
 
-def targets(labels, n_out, dtype):
-    """One-hot targets (rows, n_out), or the 0/1 label itself for a single output."""
-    if n_out == 1:
-        return labels[:, None].astype(dtype)
-    out = np.zeros((len(labels), n_out), dtype)
-    out[np.arange(len(labels)), labels] = 1
-    return out
-
-
 def share(data, split, positions, cfg, comm, dtype):
     """This rank's contiguous share of ``positions`` in ``split``: uint8 pixels
     (rows, 784) and targets in ``dtype``."""
@@ -48,7 +39,8 @@ def share(data, split, positions, cfg, comm, dtype):
     mine = positions[lo:hi]
     # a streamed read can find damaged or changed rows on one rank: all ranks end together
     images, labels = agree(comm, data.get, split, mine) if data.stream else data.get(split, mine)
-    return images, targets(task_labels(labels, cfg.positive_digit), cfg.layers[-1], dtype)
+    return images, model.targets_for(task_labels(labels, cfg.positive_digit), len(images),
+                                      cfg.layers[-1], dtype)
 
 
 def local_share(data, batch, cfg, comm):
