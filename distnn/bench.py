@@ -7,7 +7,8 @@ For one configuration (default 784-256-10 sigmoid/softmax, batch 256, float32) i
   2 x weights for the weight gradients, 2 x the weights past the first layer
   for the deltas);
 - a plain numpy loop of the same network in one process (BLAS products,
-  numpy's tanh and exp, numpy's sums: :func:`plain_step`), whose bits depend
+  numpy's tanh and exp, numpy's sums: :func:`plain_gradients`, then the same
+  update as training, :func:`distnn.optim.update`), whose bits depend
   on the machine: the in-run reference for the cost of fixed bits;
 - exact training with the trainer's own per-step code under ``mpirun -n P`` for
   each rank count (it launches itself), ranks above the core count marked as
@@ -43,7 +44,7 @@ import numpy as np
 from mpi4py import MPI
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from distnn import model
+from distnn import model, optim
 from distnn.config import DEFAULT_DATA, Config
 from distnn.data import Dataset
 from distnn.exact import ExactGradients
@@ -112,8 +113,8 @@ def gemm_rate(dtype, rows, fan_in, fan_out, repeats):
     return 2 * rows * fan_in * fan_out / median_of(once, repeats) / 1e9
 
 
-def plain_step(params, X, T, lr):
-    """One SGD step of the sigmoid/softmax network in ordinary numpy: BLAS products,
+def plain_gradients(params, X, T):
+    """The mean gradient of the sigmoid/softmax network in ordinary numpy: BLAS products,
     numpy's tanh and exp and numpy's sums, in the parameters' dtype."""
     half = X.dtype.type(0.5)
     acts = [X]
@@ -122,13 +123,12 @@ def plain_step(params, X, T, lr):
     z = acts[-1] @ params[-1][0] + params[-1][1]
     e = np.exp(z - z.max(axis=1, keepdims=True))
     delta = (e / e.sum(axis=1, keepdims=True) - T) / X.dtype.type(len(X))
-    rate, new = X.dtype.type(lr), []
+    grads = []
     for layer in range(len(params) - 1, -1, -1):
-        W, b = params[layer]
-        new.insert(0, (W - rate * (acts[layer].T @ delta), b - rate * delta.sum(axis=0)))
+        grads.insert(0, (acts[layer].T @ delta, delta.sum(axis=0)))
         if layer:
-            delta = (delta @ W.T) * acts[layer] * (1 - acts[layer])
-    return new
+            delta = (delta @ params[layer][0].T) * acts[layer] * (1 - acts[layer])
+    return grads
 
 
 def plain_step_loop(cfg, data, rows, window):
@@ -138,11 +138,13 @@ def plain_step_loop(cfg, data, rows, window):
 
     def once():
         params = model.init_params(cfg.layers, cfg.seed, cfg.activation, cfg.np_dtype)
+        velocity = optim.zero_velocity(params, cfg.momentum)
         windows, start = [], time.perf_counter()
         for i, (images, labels) in enumerate(batches):
             X = images.astype(cfg.np_dtype) / cfg.np_dtype(255)
             T = np.eye(cfg.layers[-1], dtype=cfg.np_dtype)[labels]
-            params = plain_step(params, X, T, cfg.lr)
+            optim.update(params, plain_gradients(params, X, T), velocity, cfg.lr, cfg.momentum,
+                         cfg.nesterov, cfg.weight_decay)
             if (i + 1) % window == 0:
                 windows.append(time.perf_counter() - start)
                 start = time.perf_counter()
@@ -164,6 +166,7 @@ def exact_step_loop(cfg, data, rows, comm, phases, window):
 
     def once():
         params = model.init_params(cfg.layers, cfg.seed, cfg.activation, cfg.np_dtype)
+        velocity = optim.zero_velocity(params, cfg.momentum)
         spent = dict(data=0.0, compute=0.0, reduction=0.0)
         windows = []
         comm.Barrier()
@@ -174,7 +177,8 @@ def exact_step_loop(cfg, data, rows, comm, phases, window):
             t1 = time.perf_counter()
             used = columns(data, batch, pixels)
             t2 = time.perf_counter()
-            params, _ = train_step(params, cfg, pixels, T, used, reducer, cfg.batch_size)
+            params, _ = train_step(params, velocity, cfg.lr, cfg, pixels, T, used, reducer,
+                                   cfg.batch_size)
             t3 = time.perf_counter()
             s = reducer.seconds
             reduction = (t2 - t1) + s["agree"] + s["round"] + s["allreduce"]

@@ -1,10 +1,11 @@
 """Checkpoints: HDF5 snapshots holding everything needed to continue a run exactly.
 
-A checkpoint is taken at a step boundary and holds the parameters, the global
-step, the epoch and the number of steps done in it, the epoch's running
+A checkpoint is taken at a step boundary and holds the parameters, the
+momentum's velocity (when the run has momentum), the global step, the epoch and the number of steps done in it, the epoch's running
 statistic sums, the metrics history, the configuration and the data file's
 fingerprint. Nothing else is needed: the validation split and every epoch's
-shuffle are pure functions of (seed, epoch), and the exact reduction makes the
+shuffle are pure functions of (seed, epoch), the learning rate one of the
+step (:mod:`distnn.schedule`), and the exact reduction makes the
 state independent of the rank count, so a run can resume on any number of
 ranks.
 
@@ -28,7 +29,10 @@ from distnn.comm import params_hash
 from distnn.outputs import writing
 
 FORMAT = "distnn-checkpoint"
-VERSION = 2  # 2: fixed-result arithmetic (other bits than version 1's)
+VERSION = 3
+# why each older version cannot be continued
+OLDER = {1: "its arithmetic gives other bits than this release's",
+         2: "it has no optimizer state (momentum's velocity) and its update rounds otherwise"}
 NAME = re.compile(r"^ckpt-(\d{9})\.h5$")
 
 
@@ -40,20 +44,23 @@ class CheckpointError(Exception):
 class TrainState:
     """Where a run stands at a step boundary."""
     params: list
+    velocity: list = dataclasses.field(default_factory=list)  # (vW, vb) per layer; [] if no momentum
     step: int = 0          # steps taken in the whole run
     epoch: int = 1         # the epoch in progress (1-based)
     position: int = 0      # steps of that epoch already taken
     totals: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(2))  # loss, correct
     seen: int = 0          # samples of that epoch already trained on
     history: list = dataclasses.field(default_factory=list)  # metrics records so far
+    elapsed_s: float = 0.0  # seconds of training before this state, over all sessions
 
 
 def digest(state, config_json, data_fingerprint):
     """SHA-256 over every value a checkpoint stores, in a fixed order."""
-    h = params_hash(state.params)
+    h = params_hash(state.params + state.velocity)
     h.update(np.asarray(state.totals, np.float64).tobytes())
     meta = {"step": state.step, "epoch": state.epoch, "position": state.position,
-            "seen": state.seen, "history": state.history, "config": config_json,
+            "seen": state.seen, "history": state.history, "elapsed_s": state.elapsed_s,
+            "config": config_json,
             "data": data_fingerprint}
     h.update(json.dumps(meta, sort_keys=True).encode())
     return h.hexdigest()
@@ -72,10 +79,14 @@ def save(folder, state, config_json, data_fingerprint, keep):
             for i, (W, b) in enumerate(state.params):
                 f[f"params/{i}/W"] = W
                 f[f"params/{i}/b"] = b
+            for i, (vW, vb) in enumerate(state.velocity):
+                f[f"velocity/{i}/W"] = vW
+                f[f"velocity/{i}/b"] = vb
             f["totals"] = np.asarray(state.totals, np.float64)
             f.attrs.update({"format": FORMAT, "version": VERSION, "step": state.step,
                             "epoch": state.epoch, "position": state.position,
                             "seen": state.seen, "history": json.dumps(state.history),
+                            "elapsed_s": state.elapsed_s,
                             "config": config_json, "data": data_fingerprint,
                             "sha256": digest(state, config_json, data_fingerprint)})
     with writing(path):
@@ -92,16 +103,18 @@ def load(path):
         with h5py.File(path, "r") as f:
             if f.attrs.get("format") != FORMAT:
                 raise CheckpointError(f"{path}: not a distnn checkpoint")
-            if f.attrs.get("version") != VERSION:
-                raise CheckpointError(f"{path}: checkpoint version {f.attrs.get('version')}, "
-                                      f"written by another distnn release whose arithmetic gives "
-                                      f"other bits; this one continues version {VERSION} only")
-            n_layers = len(f["params"])
-            params = [(f[f"params/{i}/W"][...], f[f"params/{i}/b"][...]) for i in range(n_layers)]
-            state = TrainState(params=params, step=int(f.attrs["step"]),
+            version = f.attrs.get("version")
+            if version != VERSION:
+                why = OLDER.get(version, "it comes from another distnn release")
+                raise CheckpointError(f"{path}: checkpoint version {version} cannot be "
+                                      f"continued: {why}; this release continues version "
+                                      f"{VERSION} only (start the run afresh)")
+            params, velocity = (arrays(f, group) for group in ("params", "velocity"))
+            state = TrainState(params=params, velocity=velocity, step=int(f.attrs["step"]),
                                epoch=int(f.attrs["epoch"]), position=int(f.attrs["position"]),
                                totals=f["totals"][...], seen=int(f.attrs["seen"]),
-                               history=json.loads(f.attrs["history"]))
+                               history=json.loads(f.attrs["history"]),
+                               elapsed_s=float(f.attrs["elapsed_s"]))
             config_json, data = str(f.attrs["config"]), str(f.attrs["data"])
             stored = str(f.attrs["sha256"])
     except CheckpointError:
@@ -111,6 +124,12 @@ def load(path):
     if digest(state, config_json, data) != stored:
         raise CheckpointError(f"{path}: checksum mismatch, the file is corrupt")
     return state, config_json, data
+
+
+def arrays(f, group):
+    """[(W, b), ...] stored under ``group`` of an open checkpoint ([] when absent)."""
+    n_layers = len(f[group]) if group in f else 0
+    return [(f[f"{group}/{i}/W"][...], f[f"{group}/{i}/b"][...]) for i in range(n_layers)]
 
 
 def listing(folder):

@@ -65,7 +65,7 @@ def params_digest(params):
 
 
 def check_replicas(comm, params, when):
-    """Stop the run if any rank's parameters differ from rank 0's."""
+    """Stop the run if any rank's parameters (and velocity) differ from rank 0's."""
     digests = comm.allgather(params_digest(params))
     if len(set(digests)) != 1:
         bad = [r for r, d in enumerate(digests) if d != digests[0]]

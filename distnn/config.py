@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distnn import activations, losses
+from distnn import activations, losses, schedule
 from distnn.errors import UserError
 
 DEFAULT_DATA = "data/mnist.h5"
@@ -22,9 +22,17 @@ class Config:
     activation: str = "sigmoid"
     loss: str = "ce"
     positive_digit: int | None = None  # a digit 0-9: train it against the rest (one output unit)
-    batch_size: int = 64
-    lr: float = 1.0
-    epochs: int = 30
+    # the defaults reach 98 % test accuracy soonest on 2 ranks (measured: README, Performance)
+    batch_size: int = 256
+    lr: float = 1.5
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    warmup: float = 0.5
+    decay_every: float = 0.0
+    decay_factor: float = 0.1
+    epochs: int = 15
     max_steps: int = 0
     seed: int = 0
     dtype: str = "float32"
@@ -56,7 +64,13 @@ class Config:
 # file is compared by content, not path; epochs, max-steps, stream and the
 # checkpoint settings may change between an interrupted run and its resumption.)
 RESULT_FIELDS = ("layers", "activation", "loss", "positive_digit", "dtype", "batch_size",
-                 "lr", "seed", "val_size", "train_limit", "shuffle")
+                 "lr", "momentum", "nesterov", "weight_decay", "schedule", "warmup",
+                 "decay_every", "decay_factor", "seed", "val_size", "train_limit", "shuffle")
+
+
+def result_fields(config):
+    """RESULT_FIELDS of a config (a dict), plus epochs when the cosine decays over them."""
+    return RESULT_FIELDS + (("epochs",) if config.get("schedule") == "cosine" else ())
 
 
 def differences(saved, current, fields=RESULT_FIELDS):
@@ -113,7 +127,29 @@ def build_parser():
                         "with --loss bce (or mse)")
     p.add_argument("--batch-size", type=int, default=d.batch_size,
                    help=f"global mini-batch size, split across all ranks (default {d.batch_size})")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"learning rate (default {d.lr})")
+    p.add_argument("--lr", type=float, default=d.lr,
+                   help=f"learning rate: the peak rate of the schedule (default {d.lr})")
+    p.add_argument("--momentum", type=float, default=d.momentum, metavar="MU",
+                   help="momentum, 0 <= MU < 1: v = MU*v + g; w -= rate*v "
+                        f"(default {d.momentum}; 0: plain SGD)")
+    p.add_argument("--nesterov", action="store_true",
+                   help="Nesterov momentum: w -= rate*(g + MU*v) (needs --momentum > 0)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, metavar="LAMBDA",
+                   help="L2 regularisation of the weights (not the biases): the cost gains "
+                        f"LAMBDA/2 * sum(w**2), so g += LAMBDA*w (default {d.weight_decay})")
+    p.add_argument("--schedule", default=d.schedule, choices=list(schedule.SCHEDULES),
+                   help="learning-rate schedule: constant; step (times --decay-factor every "
+                        "--decay-every epochs); cosine (to zero at the last of --epochs) "
+                        f"(default {d.schedule})")
+    p.add_argument("--warmup", type=float, default=d.warmup, metavar="E",
+                   help="linear warm-up over the first E epochs (fractions allowed): over its "
+                        "W steps the rate rises as (step+1)/W times the schedule's "
+                        f"(default {d.warmup}; 0: none)")
+    p.add_argument("--decay-every", type=float, default=d.decay_every, metavar="E",
+                   help="--schedule step: multiply the rate by --decay-factor every E epochs "
+                        "(fractions allowed)")
+    p.add_argument("--decay-factor", type=float, default=d.decay_factor, metavar="GAMMA",
+                   help=f"--schedule step: the factor, 0 < GAMMA <= 1 (default {d.decay_factor})")
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"epochs (default {d.epochs})")
     p.add_argument("--max-steps", type=int, default=d.max_steps,
                    help="stop after this many steps in total (default 0: no limit)")
@@ -166,6 +202,7 @@ def check(config):
             raise UserError(f"{flag} must be positive, got {value}")
     if not math.isfinite(config.lr):
         raise UserError(f"--lr must be a finite number, got {config.lr}")
+    check_optimizer(config)
     if config.keep < 1:
         raise UserError(f"--keep must be at least 1, got {config.keep}")
     for flag, value in {"--seed": config.seed, "--max-steps": config.max_steps,
@@ -180,6 +217,33 @@ def check(config):
     check_task(config)
     if Path(config.data).is_dir():
         raise UserError(f"--data {config.data}: is a directory, expected an HDF5 file")
+
+
+def check_optimizer(config):
+    """Momentum, weight decay and the schedule's flags: in range and consistent."""
+    for flag, value in {"--momentum": config.momentum, "--weight-decay": config.weight_decay,
+                        "--warmup": config.warmup, "--decay-every": config.decay_every,
+                        "--decay-factor": config.decay_factor}.items():
+        if not math.isfinite(value):
+            raise UserError(f"{flag} must be a finite number, got {value}")
+    if not 0 <= config.momentum < 1:
+        raise UserError(f"--momentum must be at least 0 and below 1, got {config.momentum}")
+    if config.nesterov and config.momentum == 0:
+        raise UserError("--nesterov needs momentum: give --momentum MU with 0 < MU < 1")
+    for flag, value in {"--weight-decay": config.weight_decay, "--warmup": config.warmup,
+                        "--decay-every": config.decay_every}.items():
+        if value < 0:
+            raise UserError(f"{flag} must be 0 or more, got {value}")
+    if config.warmup > config.epochs:
+        raise UserError(f"--warmup {config.warmup:g} epochs is longer than the run "
+                        f"(--epochs {config.epochs})")
+    if config.schedule == "step":
+        if not config.decay_every:
+            raise UserError("--schedule step needs --decay-every E: the epochs between decays")
+        if not 0 < config.decay_factor <= 1:
+            raise UserError(f"--decay-factor must be above 0 and at most 1, got {config.decay_factor}")
+    elif config.decay_every:
+        raise UserError(f"--decay-every applies to --schedule step, not {config.schedule}")
 
 
 def check_task(config):

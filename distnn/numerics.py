@@ -7,7 +7,7 @@ that switched on flush-to-zero, or a platform that rounds otherwise, computes
 other bits, and a job with such a rank would silently give another result.
 So before a run each rank computes a small fixed sample of everything
 training uses (products, each activation and loss, the functions, the random
-draws) in float32 and float64, and the ranks compare its SHA-256 with the
+draws, the learning rates and the momentum update) in float32 and float64, and the ranks compare its SHA-256 with the
 reference below.
 """
 
@@ -16,14 +16,14 @@ import socket
 
 import numpy as np
 
-from distnn import activations, fixedmath, losses
+from distnn import activations, fixedmath, losses, optim, schedule
 from distnn.errors import UserError
 from distnn.products import product
 from distnn.rng import Stream
 
 # the sample's SHA-256 on IEEE-754 arithmetic (tests/test_numerics.py recomputes it under
 # other SIMD paths, BLAS thread counts and the oldest supported numpy)
-REFERENCE = "3ec4bc6613b84bd0c3aaf28e51dabf81f9de8a4892a08f02c30f8fb26578eca2"
+REFERENCE = "175176f74c079b96c213488310271f7eec090a8a887be14441809d026522cb94"
 
 
 def sample_digest():
@@ -47,8 +47,14 @@ def sample_digest():
         values += [y, fixedmath.row_sum(z)]
         values += [losses.per_sample_loss(loss, z, losses.output(loss, z), targets.astype(dtype))
                    for loss in losses.LOSSES]
+        params, grads = [(W.copy(), z[0].copy())], [(W[::-1].copy(), z[1].copy())]
+        velocity = [(W * dtype(0.5), z[2].copy())]  # one momentum + decay update, in place
+        values += [*optim.update(params, grads, velocity, 0.3, 0.9, True, 1e-3)[0], *velocity[0]]
         for v in values:
             h.update(np.ascontiguousarray(v).tobytes())
+    rates = [schedule.Schedule(0.7, kind, warmup_steps=5, decay_steps=3, decay_factor=0.3,
+                               total_steps=40) for kind in schedule.SCHEDULES]
+    h.update(np.array([r.rate(t) for r in rates for t in range(41)]).tobytes())
     return h.hexdigest()
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from distnn import checkpoint, model, outputs
-from distnn.config import DEFAULT_DATA, differences, fmt
+from distnn.config import DEFAULT_DATA, differences, fmt, result_fields
 from distnn.errors import UserError
 from distnn.step import N_STATS
 
@@ -89,7 +89,7 @@ def resume_state(cfg, fingerprint, comm):
         return None
     path, state, config_json, data = found
     saved = json.loads(config_json)
-    diffs = differences(saved, dataclasses.asdict(cfg))
+    diffs = differences(saved, dataclasses.asdict(cfg), result_fields(saved))
     if diffs:
         raise UserError(f"cannot resume from {path}: settings that change the result differ "
                         f"(checkpoint -> now): {', '.join(diffs)}")
@@ -109,17 +109,19 @@ def shared(comm, params):
     return params
 
 
-def share_state(comm, state, params):
-    """Make every rank hold rank 0's state; ``params`` are this rank's arrays to fill."""
+def share_state(comm, state, params, velocity):
+    """Make every rank hold rank 0's state; ``params`` and ``velocity`` (its zeros, [] without
+    momentum) are this rank's arrays to fill."""
     meta = None
     if comm.rank == 0:
         if state is None:
-            state = checkpoint.TrainState(params=params, totals=np.zeros(N_STATS))
+            state = checkpoint.TrainState(params=params, velocity=velocity, totals=np.zeros(N_STATS))
         meta = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
-                if f.name != "params"}
+                if f.name not in ("params", "velocity")}
         meta = json.dumps({**meta, "totals": [float(t) for t in meta["totals"]]})
     # as JSON, not pickled numpy objects: ranks may run different numpy versions
     meta = json.loads(comm.bcast(meta, root=0))
     held = shared(comm, state.params if comm.rank == 0 else params)
+    moving = shared(comm, state.velocity if comm.rank == 0 else velocity)
     meta["totals"] = np.asarray(meta["totals"], np.float64)
-    return checkpoint.TrainState(params=held, **meta)
+    return checkpoint.TrainState(params=held, velocity=moving, **meta)

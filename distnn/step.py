@@ -1,4 +1,4 @@
-"""One step of exact data-parallel SGD, and distributed evaluation.
+"""One step of exact data-parallel training, and distributed evaluation.
 
 Each rank takes a contiguous share of the global mini-batch's rows and runs
 forward and backward on them. Every row's values have fixed bits of their
@@ -11,7 +11,7 @@ produces the same parameters, bit for bit.
 import numpy as np
 from mpi4py import MPI
 
-from distnn import losses, model
+from distnn import losses, model, optim
 from distnn.comm import agree
 
 EVAL_CHUNK = 2000  # rows evaluated at once: bounds memory; changes no bit
@@ -88,44 +88,36 @@ def eval_stats(y, T):
     return np.stack(model.metric_sums(y, T), axis=-1)
 
 
-def train_step(params, cfg, pixels, T, columns, reducer, n_rows, carry=0):
-    """One SGD step on this rank's rows, updating ``params`` in place; returns
-    (params, global stat sums).
+def gradients(params, cfg, pixels, T, columns, reducer, n_rows, carry=0):
+    """The mean gradient of the data cost over the global batch, and the batch's stat sums.
 
     ``pixels`` are uint8 (rows, 784) and ``T`` the targets in the run's dtype
     (:func:`local_share`), ``columns`` the batch's non-zero pixel columns
     (:class:`BatchColumns`), ``n_rows`` the global batch size. The gradients
-    are summed exactly by ``reducer``, which also agrees ``carry`` across
-    ranks (``reducer.carried``).
+    (shaped like ``params``, in their dtype) are summed exactly by ``reducer``,
+    which also agrees ``carry`` across ranks (``reducer.carried``).
     """
     X = pixels[:, columns].astype(np.float64)
     (W0, b0), rest = params[0], params[1:]
-    W0_used = W0[columns]  # a copy, updated in place and written back by sgd_update
-    narrowed = [(W0_used, b0), *rest]
+    narrowed = [(W0[columns], b0), *rest]
     inputs, zs, y = model.forward_pass(narrowed, X, cfg.activation, cfg.loss, pixels=True)
     delta = losses.output_delta(cfg.loss, zs[-1], y, T)
     deltas = model.layer_deltas(narrowed, inputs, zs, delta, cfg.activation)
     stats = train_stats(cfg, zs[-1], y, T)
-    steps, stat_sums = reducer(inputs, deltas, stats, n_rows, divide_by=n_rows / cfg.lr,
+    grads, stat_sums = reducer(inputs, deltas, stats, n_rows, divide_by=n_rows,
                                first_rows=columns, carry=carry)
-    return sgd_update(params, steps, columns, W0_used), stat_sums
+    gW0 = np.zeros_like(W0)  # the rows of unused columns have gradient 0 exactly
+    gW0[columns] = grads[0][0]
+    return [(gW0, grads[0][1]), *grads[1:]], stat_sums
 
 
-def sgd_update(params, steps, first_rows, first_used):
-    """``p -= step`` in place, ``step`` being the learning rate times the mean gradient.
-
-    The first weight matrix's step holds only the ``first_rows`` rows; the other
-    rows' gradient is exactly zero, and ``w - 0`` is ``w``, so they are skipped.
-    ``first_used`` is the copy of those rows the step already gathered: it is
-    updated and written back.
-    """
-    first_used -= steps[0][0]
-    params[0][0][first_rows] = first_used
-    for i, ((W, b), (sW, sb)) in enumerate(zip(params, steps)):
-        if i:
-            W -= sW
-        b -= sb
-    return params
+def train_step(params, velocity, rate, cfg, pixels, T, columns, reducer, n_rows, carry=0):
+    """One step at learning rate ``rate``: :func:`gradients`, then the update of
+    :mod:`distnn.optim`, in place on ``params`` and ``velocity``. Returns
+    (params, global stat sums)."""
+    grads, stat_sums = gradients(params, cfg, pixels, T, columns, reducer, n_rows, carry)
+    optim.update(params, grads, velocity, rate, cfg.momentum, cfg.nesterov, cfg.weight_decay)
+    return params, stat_sums
 
 
 def output_values(params, images, activation, loss):

@@ -1,8 +1,9 @@
 """``python -m distnn.train``: synchronous data-parallel SGD, bit-identical for any rank count.
 
 The training loop: set up (data, parameters or a checkpoint, output folder),
-then per epoch one exact step per global mini-batch (:mod:`distnn.step`), an
-evaluation, and rank 0's log line, metrics record and checkpoint.
+then per epoch one exact step per global mini-batch (:mod:`distnn.step`) at
+the schedule's rate (:mod:`distnn.schedule`), an evaluation, and rank 0's log
+line, metrics record and checkpoint.
 """
 
 if __name__ == "__main__":
@@ -22,28 +23,30 @@ import numpy as np
 from mpi4py import MPI
 from threadpoolctl import threadpool_limits
 
-from distnn import checkpoint, numerics, outputs, rundir, startup
+from distnn import checkpoint, numerics, optim, outputs, rundir, startup
 from distnn import comm as dcomm
 from distnn import config as dconfig
 from distnn.data import Dataset
 from distnn.errors import Diverged, OutputError, Stopped, UserError
 from distnn.exact import ExactGradients, ExactSum, NonFiniteError
 from distnn.progress import Progress
+from distnn.schedule import Schedule
 from distnn.step import N_EVAL_STATS, N_STATS, BatchColumns, evaluate, local_share, train_step
 from distnn.stop import REQUEST
 
 PROG = startup.PROG
 
 
-def epoch_record(state, cfg, data, comm, eval_reducer, timers, seconds, trained):
+def epoch_record(state, cfg, data, comm, eval_reducer, timers, seconds, trained, rate):
     """The metrics record of the epoch in progress: running training sums plus evaluation.
 
     ``trained`` samples took ``seconds`` in this process (less than the epoch's
-    samples when it resumed from a checkpoint inside the epoch).
+    samples when it resumed from a checkpoint inside the epoch); ``rate`` is the
+    learning rate of the epoch's last step.
     """
     seen, totals = state.seen, state.totals
-    return {"epoch": state.epoch, "step": state.step, "train_loss": totals[0] / seen,
-            "train_acc": totals[1] / seen,
+    return {"epoch": state.epoch, "step": state.step, "ranks": comm.size, "lr": rate,
+            "train_loss": totals[0] / seen, "train_acc": totals[1] / seen,
             "samples_per_s": trained / seconds if seconds else None,
             **{f"{k}_s": round(v, 4) for k, v in timers.items()},
             **evaluation(state.step, state.params, cfg, data, comm, eval_reducer)}
@@ -51,7 +54,7 @@ def epoch_record(state, cfg, data, comm, eval_reducer, timers, seconds, trained)
 
 def initial_record(params, cfg, data, comm, eval_reducer):
     """Epoch 0: the metrics of the parameters before any step (the baseline)."""
-    return {"epoch": 0, "step": 0, "elapsed_s": 0.0,
+    return {"epoch": 0, "step": 0, "ranks": comm.size, "elapsed_s": 0.0,
             **evaluation(0, params, cfg, data, comm, eval_reducer)}
 
 
@@ -125,7 +128,8 @@ def train(cfg, comm, data, params, folder, stop):
     try:
         resumed = dcomm.agree(comm, startup.resume_state, cfg, data.fingerprint, comm)
         initial = [(W.copy(), b.copy()) for W, b in params]  # share_state may overwrite params
-        state = startup.share_state(comm, resumed, params)
+        state = startup.share_state(comm, resumed, params,
+                                    optim.zero_velocity(params, cfg.momentum))
         eval_reducer = ExactSum([N_EVAL_STATS], comm)
         if not state.history or state.history[0]["epoch"] != 0:
             # the baseline, epoch 0: for a fresh run, or a checkpoint written before runs had one
@@ -162,16 +166,23 @@ def train_steps(cfg, comm, data, state, metrics_log, config_json, eval_reducer, 
         if state.step == 0:
             progress.write(log_line(state.history[0], cfg))
 
+    def elapsed():
+        """Seconds of training so far, counting the sessions before a resumption."""
+        return round(resumed_at + time.perf_counter() - start, 3)
+
     def save_checkpoint():
         """Rank 0 writes ``state`` (agreed); every rank first checks the parameters are finite."""
         check_finite(state)
+        state.elapsed_s = elapsed()
         return on_rank0(comm, checkpoint.save, out / "checkpoints", state, config_json,
                         data.fingerprint, cfg.keep)
 
     reducer = ExactGradients(cfg.layers, N_STATS, comm, dtype=cfg.np_dtype)
     batch_columns = BatchColumns(cfg.layers[0], comm)
     record = state.history[-1]
-    trained, train_seconds, start = 0, 0.0, time.perf_counter()
+    rates = Schedule.of(cfg, steps_per_epoch)
+    rate = rates.rate(max(state.step - 1, 0))
+    resumed_at, trained, train_seconds, start = state.elapsed_s, 0, 0.0, time.perf_counter()
     while state.epoch <= cfg.epochs and not (cfg.max_steps and state.step >= cfg.max_steps):
         order = data.epoch_order(state.epoch, cfg.seed, cfg.shuffle)
         timers, epoch_start, seen_before = dict(compute=0.0, comm=0.0, data=0.0), time.perf_counter(), state.seen
@@ -180,10 +191,12 @@ def train_steps(cfg, comm, data, state, metrics_log, config_json, eval_reducer, 
             batch = order[state.position * cfg.batch_size:(state.position + 1) * cfg.batch_size]
             pixels, T = local_share(data, batch, cfg, comm)
             columns = batch_columns(data, batch, pixels)
+            rate = rates.rate(state.step)
             t1 = time.perf_counter()
             try:
-                new_params, stats = train_step(state.params, cfg, pixels, T, columns, reducer,
-                                               len(batch), stop.signum if stop else 0)
+                new_params, stats = train_step(state.params, state.velocity, rate, cfg, pixels, T,
+                                               columns, reducer, len(batch),
+                                               stop.signum if stop else 0)
             except NonFiniteError:
                 raise Diverged(f"training diverged at epoch {state.epoch}, step {state.step + 1}: "
                                f"the loss or gradients became NaN or infinite; the last good "
@@ -212,10 +225,10 @@ def train_steps(cfg, comm, data, state, metrics_log, config_json, eval_reducer, 
         check_finite(state)
         if not finished:
             save_checkpoint()  # stopped by --max-steps inside an epoch: resumable from here
-        dcomm.check_replicas(comm, state.params, f"after step {state.step}")
+        dcomm.check_replicas(comm, state.params + state.velocity, f"after step {state.step}")
         record = epoch_record(state, cfg, data, comm, eval_reducer, timers, seconds,
-                              state.seen - seen_before)
-        record["elapsed_s"] = round(time.perf_counter() - start, 3)
+                              state.seen - seen_before, rate)
+        record["elapsed_s"] = elapsed()
         on_rank0(comm, metrics_log.append, record)
         if rank == 0 and not cfg.quiet:
             progress.write(log_line(record, cfg))
@@ -230,7 +243,7 @@ def train_steps(cfg, comm, data, state, metrics_log, config_json, eval_reducer, 
         # resumed at a --max-steps stop inside an epoch with nothing left to do:
         # that epoch's record (the same numbers as before) closes the run again
         record = epoch_record(state, cfg, data, comm, eval_reducer,
-                              dict(compute=0.0, comm=0.0, data=0.0), 0.0, 0)
+                              dict(compute=0.0, comm=0.0, data=0.0), 0.0, 0, rate)
         on_rank0(comm, metrics_log.append, record)
     summary = {"world_size": size, "steps": state.step, "epochs": record["epoch"],
                "params_sha256": dcomm.params_digest(state.params),

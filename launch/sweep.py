@@ -1,13 +1,15 @@
-"""``python -m launch.sweep``: learning-rate x batch-size sweeps as a Slurm job array.
+"""``python -m launch.sweep``: grid searches over distnn.train's settings as a Slurm job array.
 
-  python -m launch.sweep submit sweeps/lr --lr 0.001,0.1,1,10,100 --batch-size 10 -- --epochs 5
-  python -m launch.sweep collect sweeps/lr
+  python -m launch.sweep submit sweeps/m --momentum 0.8,0.9,0.95 --lr 0.3,1,1.5 -- --epochs 10
+  python -m launch.sweep collect sweeps/m
 
-``submit`` writes ``grid.tsv`` (one line per setting) into the sweep folder and
-submits ``launch/slurm/sweep.sbatch`` as an array with one element per line;
-arguments after ``--`` go to every ``distnn.train``. ``collect`` reads each
-element's ``summary.json`` and writes ``results.csv`` and ``results.md``,
-sorted by test accuracy (unfinished settings last), and prints the table.
+``submit`` sweeps the cartesian product of the settings named (comma-separated
+values; the first setting in ``submit --help`` varies slowest), checks every point
+with distnn.train's own checks, writes ``grid.tsv`` (``task``, then a column per
+swept setting) and submits ``launch/slurm/sweep.sbatch`` as an array, one element
+per line, training into ``task-<i>`` with the arguments after ``--``. ``collect``
+tabulates the elements' ``summary.json`` into ``results.csv`` and ``results.md``,
+best test accuracy first, and prints the table.
 """
 
 import argparse
@@ -20,45 +22,115 @@ import subprocess
 import sys
 from pathlib import Path
 
-from distnn.errors import cli
+from distnn import config as train_config
+from distnn.errors import UserError, cli
 
 HOME = Path(__file__).resolve().parents[1]
 SBATCH = HOME / "launch" / "slurm" / "sweep.sbatch"
-COLUMNS = ("task", "lr", "batch_size", "test_acc", "val_acc", "train_loss", "epochs", "steps", "status")
+RESULTS = ("test_acc", "val_acc", "train_loss", "epochs", "steps", "status")
+SWITCH = {"off": False, "on": True}
+
+
+def switch(text):
+    if text not in SWITCH:
+        raise ValueError("values must be off or on")
+    return text
+
+
+# The sweepable settings, in grid order: name (as in grid.tsv), type of a value, metavar, help.
+SETTINGS = (
+    ("lr", float, "LR,...", "learning rates (the schedule's peak), e.g. 0.1,1,1.5"),
+    ("batch_size", int, "N,...", "global batch sizes, e.g. 32,64"),
+    ("momentum", float, "MU,...", "momentum values, each 0 <= MU < 1, e.g. 0,0.9"),
+    ("nesterov", switch, "off,on", "without and with Nesterov momentum (needs --momentum > 0)"),
+    ("weight_decay", float, "LAMBDA,...", "L2 weight decays, each >= 0, e.g. 0,1e-4"),
+    ("schedule", str, "NAME,...", "learning-rate schedules: constant, step, cosine"),
+    ("warmup", float, "E,...", "linear warm-up lengths in epochs, each >= 0, e.g. 0,0.5,1"),
+    ("decay_every", float, "E,...", "epochs between decays (--schedule step), e.g. 2,5"),
+    ("decay_factor", float, "GAMMA,...", "decay factors (--schedule step), each 0 < GAMMA <= 1"),
+)
 
 
 class SweepError(Exception):
     """A user-facing problem; printed as one line."""
 
 
-def numbers(text, kind):
-    try:
-        values = [kind(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers")
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: values must be positive")
-    return values
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose mistakes are one-line SweepErrors."""
+
+    def error(self, message):
+        raise SweepError(f"{message} (see --help)")
 
 
-def write_grid(folder, lrs, batch_sizes):
-    grid = list(itertools.product(lrs, batch_sizes))
+def listed(kind):
+    """An argparse type: a comma-separated list of distinct values of ``kind``."""
+    def parse(text):
+        try:
+            values = [kind(v.strip()) for v in text.split(",") if v.strip()]
+        except ValueError as exc:
+            why = exc.args[0] if kind is switch else "not a comma-separated list of " + \
+                ("whole numbers" if kind is int else "numbers")
+            raise argparse.ArgumentTypeError(f"{text!r}: {why}")
+        if not values or len(set(values)) < len(values):
+            raise argparse.ArgumentTypeError(f"{text!r}: give distinct values, comma-separated")
+        return values
+    return parse
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def train_flags(names, point):
+    """distnn.train flags for one grid point (as sweep.sbatch builds them from grid.tsv)."""
+    out = []
+    for name, value in zip(names, point):
+        out += [flag(name)] if value == "on" else [] if value == "off" else [flag(name), str(value)]
+    return out
+
+
+def make_grid(chosen):
+    """(names, points): the swept settings and the cartesian product of their values."""
+    names = [name for name, *_ in SETTINGS if chosen.get(name)]
+    if not names:
+        raise SweepError("name at least one setting to sweep, e.g. --lr 0.1,1")
+    return names, list(itertools.product(*(chosen[name] for name in names)))
+
+
+def check_grid(names, points, train_args):
+    """Every point's full distnn.train arguments through its own flag checks."""
+    parser = train_config.build_parser()
+    for point in points:
+        where = "grid point " + " ".join(f"{n}={v}" for n, v in zip(names, point))
+        try:
+            parsed = parser.parse_args(train_flags(names, point) + train_args)
+            train_config.from_args(parsed)
+        except UserError as exc:
+            raise SweepError(f"{where}: {str(exc).removesuffix(' (see --help)')}") from None
+        for name, value in zip(names, point):  # a repeat after -- would win over the grid's
+            if getattr(parsed, name) != SWITCH.get(value, value):
+                raise SweepError(f"{flag(name)} is swept: do not give it after --")
+
+
+def write_grid(folder, names, points):
     folder.mkdir(parents=True, exist_ok=True)
-    lines = ["task\tlr\tbatch_size"] + [f"{i}\t{lr}\t{bs}" for i, (lr, bs) in enumerate(grid)]
+    lines = ["\t".join(["task", *names])]
+    lines += ["\t".join(map(str, [task, *point])) for task, point in enumerate(points)]
     (folder / "grid.tsv").write_text("\n".join(lines) + "\n")
-    return grid
 
 
 def submit(args, train_args):
     folder = args.folder.resolve()
     if (folder / "grid.tsv").exists():
         raise SweepError(f"{folder}: already holds a sweep; choose another folder")
-    grid = write_grid(folder, args.lr, args.batch_size)
-    for task in range(len(grid)):  # each element logs into its own run folder
+    names, points = make_grid(vars(args))
+    check_grid(names, points, train_args)
+    write_grid(folder, names, points)
+    for task in range(len(points)):  # each element logs into its own run folder
         (folder / f"task-{task}").mkdir()
     env = dict(os.environ, DISTNN_SWEEP=str(folder), DISTNN_HOME=str(HOME),
                DISTNN_PYTHON=os.environ.get("DISTNN_PYTHON", sys.executable))
-    command = ["sbatch", "--parsable", f"--array=0-{len(grid) - 1}", f"--ntasks={args.ntasks}",
+    command = ["sbatch", "--parsable", f"--array=0-{len(points) - 1}", f"--ntasks={args.ntasks}",
                f"--output={folder}/task-%a/job.out", *args.sbatch_arg, str(SBATCH), *train_args]
     if args.wait:
         command.insert(1, "--wait")
@@ -69,43 +141,43 @@ def submit(args, train_args):
     if done.returncode != 0:
         raise SweepError(f"sbatch failed: {done.stderr.strip()}")
     job = done.stdout.strip().split(";")[0]
-    return f"submitted {len(grid)} settings as job array {job}; results in {folder}"
+    return f"submitted {len(points)} settings as job array {job}; results in {folder}"
 
 
 def collect(folder):
     grid_file = folder / "grid.tsv"
     if not grid_file.exists():
         raise SweepError(f"{folder}: no grid.tsv; is this a sweep folder?")
+    header, *lines = grid_file.read_text().splitlines()
+    names = header.split("\t")  # task, then the swept settings (lr, batch_size before v2)
     rows = []
-    for line in grid_file.read_text().splitlines()[1:]:
-        task, lr, batch = line.split("\t")
-        row = {"task": int(task), "lr": float(lr), "batch_size": int(batch), "status": "missing"}
-        summary = folder / f"task-{task}" / "summary.json"
-        if summary.exists():
-            data = json.loads(summary.read_text())
-            row.update({k: data.get(k) for k in ("test_acc", "val_acc", "train_loss", "epochs", "steps")},
-                       status="done")
-        elif any((folder / f"task-{task}" / name).exists() for name in ("checkpoints", "job.out")):
+    for line in lines:
+        row = dict(zip(names, line.split("\t")), status="missing")
+        run = folder / f"task-{row['task']}"
+        row["task"] = int(row["task"])
+        if (run / "summary.json").exists():
+            data = json.loads((run / "summary.json").read_text())
+            row.update({k: data.get(k) for k in RESULTS[:-1]}, status="done")
+        elif any((run / name).exists() for name in ("checkpoints", "job.out")):
             row["status"] = "unfinished"
         rows.append(row)
     rows.sort(key=lambda r: (r.get("test_acc") is None, -(r.get("test_acc") or 0), r["task"]))
+    columns = names + list(RESULTS)
     with open(folder / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
-        writer.writerows({k: r.get(k) for k in COLUMNS} for r in rows)
-    table = markdown(rows)
+        writer.writerows({k: r.get(k) for k in columns} for r in rows)
+    table = markdown(rows, columns)
     (folder / "results.md").write_text(table)
     return table
 
 
-FORMATS = {"lr": "{:g}", "test_acc": "{:.4f}", "val_acc": "{:.4f}", "train_loss": "{:.4f}"}
-
-
-def markdown(rows):
+def markdown(rows, columns):
+    formats = dict.fromkeys(("test_acc", "val_acc", "train_loss"), "{:.4f}")
     out = io.StringIO()
-    out.write("| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n")
+    out.write("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n")
     for r in rows:
-        cells = ["-" if r.get(k) is None else FORMATS.get(k, "{}").format(r[k]) for k in COLUMNS]
+        cells = ["-" if r.get(k) is None else formats.get(k, "{}").format(r[k]) for k in columns]
         out.write("| " + " | ".join(cells) + " |\n")
     return out.getvalue()
 
@@ -114,16 +186,17 @@ def parse_args(argv):
     argv = list(sys.argv[1:] if argv is None else argv)
     cut = argv.index("--") if "--" in argv else len(argv)
     argv, train_args = argv[:cut], argv[cut + 1:]
-    p = argparse.ArgumentParser(prog="python -m launch.sweep", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m launch.sweep", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("submit", help="write the grid and submit the job array")
-    s.add_argument("folder", type=Path, help="sweep folder (created)")
-    s.add_argument("--lr", type=lambda t: numbers(t, float), default=[0.001, 0.1, 1.0, 10.0, 100.0],
-                   help="learning rates, comma-separated (default 0.001,0.1,1,10,100)")
-    s.add_argument("--batch-size", type=lambda t: numbers(t, int), default=[10],
-                   help="batch sizes, comma-separated (default 10)")
-    s.add_argument("--ntasks", type=int, default=1, help="MPI ranks per setting (default 1)")
+    s = sub.add_parser("submit", help="check the grid, write it and submit the job array",
+                       description="Sweep the settings named (comma-separated values each); "
+                                   "arguments after -- go to every distnn.train.")
+    s.add_argument("folder", type=Path, help="sweep folder (created; must not hold a sweep)")
+    settings = s.add_argument_group("settings to sweep (name at least one)")
+    for name, kind, metavar, text in SETTINGS:
+        settings.add_argument(flag(name), type=listed(kind), metavar=metavar, help=text)
+    s.add_argument("--ntasks", type=int, default=1, help="MPI ranks per grid point (default 1)")
     s.add_argument("--sbatch-arg", action="append", default=[],
                    help="extra sbatch option, e.g. --sbatch-arg=--time=01:00:00 (repeatable)")
     s.add_argument("--wait", action="store_true", help="return when every element has finished")
@@ -133,9 +206,9 @@ def parse_args(argv):
 
 
 def main(argv=None):
-    args, train_args = parse_args(argv)
-    action = (lambda: submit(args, train_args)) if args.command == "submit" else \
-        (lambda: collect(args.folder))
+    def action():
+        args, train_args = parse_args(argv)
+        return submit(args, train_args) if args.command == "submit" else collect(args.folder)
     return cli("launch.sweep", action, SweepError)
 
 

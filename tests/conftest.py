@@ -50,7 +50,11 @@ def run_env():
     return env
 
 
-TIMING_KEYS = {"samples_per_s", "compute_s", "comm_s", "data_s", "wall_s", "elapsed_s"}
+# plain SGD at a constant rate: for tests about what a short run learns, and runs continued
+# from a model file (no velocity, no schedule to carry over)
+PLAIN_SGD = ["--momentum", "0", "--schedule", "constant", "--warmup", "0"]
+# how a run went (its times, its rank count), not what it computed
+RUN_KEYS = {"samples_per_s", "compute_s", "comm_s", "data_s", "wall_s", "elapsed_s", "ranks"}
 
 
 def launch_train(args, ranks=None, timeout=180, cwd=ROOT):
@@ -74,9 +78,9 @@ def metrics_records(out):
 
 
 def run_result(out):
-    """(params_sha256, per-epoch metrics without timings) of a finished run."""
+    """(params_sha256, per-epoch metrics without RUN_KEYS) of a finished run."""
     summary = json.loads((Path(out) / "summary.json").read_text())
-    return summary["params_sha256"], [{k: v for k, v in r.items() if k not in TIMING_KEYS}
+    return summary["params_sha256"], [{k: v for k, v in r.items() if k not in RUN_KEYS}
                                       for r in metrics_records(out)]
 
 

@@ -7,7 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import launch_train, metrics_records, run_module, run_result
+from conftest import PLAIN_SGD, launch_train, metrics_records, run_module, run_result
 
 # 500 training rows in batches of 30: 2 and 3 ranks split every
 # batch differently, and the final batch of 20 rows leaves 3 ranks uneven.
@@ -34,7 +34,8 @@ def test_short_binary_run_beats_always_not_digit(mnist_h5, tmp_path):
     out = tmp_path / "seven"
     result = launch_train(["--data", mnist_h5, "--out", out, "--loss", "bce",
                            "--positive-digit", "7", "--layers", "784,1", "--train-limit", "5000",
-                           "--val-size", "500", "--epochs", "1", "--lr", "0.1"], ranks=2)
+                           "--val-size", "500", "--epochs", "1", "--lr", "0.1", "--batch-size", "64", *PLAIN_SGD],
+                          ranks=2)
     assert result.returncode == 0, result.stderr
     with h5py.File(mnist_h5, "r") as f:
         test_labels = f["test/labels"][...]

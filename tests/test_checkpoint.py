@@ -9,7 +9,8 @@ from distnn import checkpoint, model
 
 def make_state(step=7):
     params = model.init_params([6, 5, 3], seed=1)
-    return checkpoint.TrainState(params=params, step=step, epoch=2, position=3,
+    velocity = [(W * 0.5, b - 1) for W, b in params]
+    return checkpoint.TrainState(params=params, velocity=velocity, step=step, epoch=2, position=3,
                                  totals=np.array([1.5, 2.0]), seen=96,
                                  history=[{"epoch": 1, "test_acc": 0.5, "train_loss": 1.25}])
 
@@ -20,8 +21,9 @@ def test_round_trip_keeps_every_value(tmp_path):
     assert path.name == "ckpt-000000007.h5"
     loaded, config_json, data = checkpoint.load(path)
     assert (config_json, data) == ('{"lr": 0.5}', "abc")
-    for (W, b), (W2, b2) in zip(state.params, loaded.params):
+    for (W, b), (W2, b2) in zip(state.params + state.velocity, loaded.params + loaded.velocity):
         assert np.array_equal(W, W2) and W2.dtype == W.dtype and np.array_equal(b, b2)
+    assert len(loaded.velocity) == 2
     assert (loaded.step, loaded.epoch, loaded.position, loaded.seen) == (7, 2, 3, 96)
     assert np.array_equal(loaded.totals, state.totals)
     assert loaded.history == state.history
@@ -79,3 +81,21 @@ def test_failed_write_leaves_previous_checkpoint_intact(tmp_path):
     assert [p.name for _, p in checkpoint.listing(tmp_path)] == [good.name]
     assert not list(tmp_path.glob(".*tmp"))
     assert checkpoint.load(good)[0].step == 4
+
+
+def test_without_momentum_there_is_no_velocity(tmp_path):
+    state = make_state()
+    state.velocity = []
+    loaded, _, _ = checkpoint.load(checkpoint.save(tmp_path, state, "{}", "abc", keep=1))
+    assert loaded.velocity == []
+
+
+@pytest.mark.parametrize("version, why", [
+    (2, "version 2 cannot be continued: it has no optimizer state"),
+    (1, "version 1 cannot be continued: its arithmetic gives other bits")])
+def test_older_versions_are_refused_with_the_reason(tmp_path, version, why):
+    path = checkpoint.save(tmp_path, make_state(), "{}", "abc", keep=1)
+    with h5py.File(path, "r+") as f:
+        f.attrs["version"] = version
+    with pytest.raises(checkpoint.CheckpointError, match=why):
+        checkpoint.load(path)

@@ -98,7 +98,8 @@ def test_a_file_without_training_images_says_so(mnist_h5, tmp_path):
 def test_a_train_limit_beyond_the_file_is_said_once(mnist_h5, tmp_path):
     small = write_data(tmp_path / "small.h5", *mnist_arrays(mnist_h5, 300, 100))
     result = launch_train(["--data", small, "--out", tmp_path / "o", "--train-limit", "1000000",
-                           "--val-size", "50", "--epochs", "1", "--layers", "784,8,10"], ranks=2)
+                           "--val-size", "50", "--epochs", "1", "--layers", "784,8,10",
+                           "--batch-size", "64"], ranks=2)
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("warning:") == 1
     assert (f"--train-limit 1000000: {small} holds only 300 training images; using all of them"

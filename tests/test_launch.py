@@ -1,11 +1,16 @@
 """The launchers without a scheduler: local.sh, and launch.sweep's grid and table."""
 
 import json
+import os
 import subprocess
 import sys
 
-from conftest import ROOT, run_env, run_module
+import pytest
+
+from conftest import ROOT, error_line, run_env
 from launch import sweep
+
+SWEEP_SBATCH = ROOT / "launch" / "slurm" / "sweep.sbatch"
 
 
 def test_local_launcher_runs_n_ranks(mnist_h5, tmp_path):
@@ -19,31 +24,134 @@ def test_local_launcher_runs_n_ranks(mnist_h5, tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["world_size"] == 3
 
 
+@pytest.fixture
+def fake_sbatch(tmp_path, monkeypatch):
+    """An ``sbatch`` first on PATH that records its arguments and submits nothing; returns
+    the file it records into (missing until it is called)."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "sbatch.args"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {log}\necho 4242\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return log
+
+
+def sweep_cli(*args):
+    """``python -m launch.sweep args...`` (PATH as the test has it), output captured."""
+    env = run_env()
+    env["PATH"] = os.environ["PATH"]
+    return subprocess.run([sys.executable, "-m", "launch.sweep", *map(str, args)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_grid_of_three_settings_in_fixed_order(fake_sbatch, tmp_path):
+    folder = tmp_path / "s"
+    done = sweep_cli("submit", folder, "--schedule", "constant,cosine", "--nesterov", "off,on",
+                     "--momentum", "0.5,0.9", "--", "--epochs", "2")
+    assert done.returncode == 0, done.stderr
+    assert "submitted 8 settings as job array 4242" in done.stdout
+    assert (folder / "grid.tsv").read_text() == (
+        "task\tmomentum\tnesterov\tschedule\n"
+        "0\t0.5\toff\tconstant\n1\t0.5\toff\tcosine\n2\t0.5\ton\tconstant\n3\t0.5\ton\tcosine\n"
+        "4\t0.9\toff\tconstant\n5\t0.9\toff\tcosine\n6\t0.9\ton\tconstant\n7\t0.9\ton\tcosine\n")
+    sbatch_args = fake_sbatch.read_text().splitlines()
+    assert "--array=0-7" in sbatch_args and sbatch_args[-3:] == [str(SWEEP_SBATCH), "--epochs", "2"]
+    assert sorted(p.name for p in folder.glob("task-*")) == [f"task-{i}" for i in range(8)]
+
+
+def element_args(folder, task, home):
+    """The distnn.train arguments sweep.sbatch builds for one array element, read from a
+    stand-in train.sbatch under ``home`` (so nothing is trained)."""
+    env = dict(os.environ, SLURM_ARRAY_TASK_ID=str(task), DISTNN_SWEEP=str(folder),
+               DISTNN_HOME=str(home))
+    done = subprocess.run(["bash", str(SWEEP_SBATCH), "--epochs", "1"], env=env,
+                          capture_output=True, text=True, timeout=30)
+    return done.returncode, done.stdout.splitlines(), done.stderr
+
+
+def test_sweep_sbatch_turns_grid_columns_into_train_flags(tmp_path):
+    home = tmp_path / "home"
+    (home / "launch" / "slurm").mkdir(parents=True)
+    (home / "launch" / "slurm" / "train.sbatch").write_text(
+        'printf "%s\\n" "out=$DISTNN_OUT" "$@"\n')
+    names = ["batch_size", "nesterov", "weight_decay", "schedule"]
+    points = [(32, "on", 0.0001, "cosine"), (64, "off", 0.0, "step")]
+    sweep.write_grid(tmp_path / "new", names, points)
+    assert element_args(tmp_path / "new", 0, home) == (0, [
+        f"out={tmp_path}/new/task-0", "--batch-size", "32", "--nesterov", "--weight-decay",
+        "0.0001", "--schedule", "cosine", "--epochs", "1"], "")
+    assert element_args(tmp_path / "new", 1, home) == (0, [
+        f"out={tmp_path}/new/task-1", "--batch-size", "64", "--weight-decay", "0.0",
+        "--schedule", "step", "--epochs", "1"], "")
+    for task, point in enumerate(points):  # the flags the submit-time check builds
+        flags = element_args(tmp_path / "new", task, home)[1][1:-2]
+        assert flags == sweep.train_flags(names, point)
+    old = tmp_path / "old"  # written by the lr x batch-size version
+    old.mkdir()
+    (old / "grid.tsv").write_text("task\tlr\tbatch_size\n0\t0.1\t10\n1\t1.0\t10\n")
+    assert element_args(old, 1, home)[1][1:] == ["--lr", "1.0", "--batch-size", "10",
+                                                 "--epochs", "1"]
+    status, out, err = element_args(old, 2, home)
+    assert status == 2 and out == [] and "no settings for array task 2" in err
+
+
 def test_grid_and_collected_table(tmp_path):
-    grid = sweep.write_grid(tmp_path, [0.1, 1.0], [10, 100])
-    assert grid == [(0.1, 10), (0.1, 100), (1.0, 10), (1.0, 100)]
+    names, points = sweep.make_grid({"momentum": [0.0, 0.9], "lr": [0.1, 1.0], "warmup": None})
+    assert names == ["lr", "momentum"]
+    assert points == [(0.1, 0.0), (0.1, 0.9), (1.0, 0.0), (1.0, 0.9)]
+    sweep.write_grid(tmp_path, names, points)
     for task, acc in ((0, 0.91), (2, 0.95)):
         (tmp_path / f"task-{task}").mkdir()
         (tmp_path / f"task-{task}" / "summary.json").write_text(json.dumps(
             {"test_acc": acc, "val_acc": acc - 0.01, "train_loss": 0.3, "epochs": 2, "steps": 40}))
     (tmp_path / "task-3" / "checkpoints").mkdir(parents=True)
     table = sweep.collect(tmp_path)
-    rows = [line.split(" | ") for line in table.splitlines()[2:]]
-    assert [r[0].strip("| ") for r in rows] == ["2", "0", "1", "3"]
-    assert rows[0][3] == "0.9500" and rows[1][3] == "0.9100"
-    assert rows[2][-1].strip(" |") == "missing" and rows[3][-1].strip(" |") == "unfinished"
-    assert (tmp_path / "results.csv").read_text().splitlines()[1].startswith("2,1.0,10,0.95")
+    lines = table.splitlines()
+    assert lines[0] == ("| task | lr | momentum | test_acc | val_acc | train_loss | epochs | steps "
+                        "| status |")
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+    assert [r[:4] for r in rows] == [["2", "1.0", "0.0", "0.9500"], ["0", "0.1", "0.0", "0.9100"],
+                                     ["1", "0.1", "0.9", "-"], ["3", "1.0", "0.9", "-"]]
+    assert [r[-1] for r in rows] == ["done", "done", "missing", "unfinished"]
+    csv_lines = (tmp_path / "results.csv").read_text().splitlines()
+    assert csv_lines[0] == "task,lr,momentum,test_acc,val_acc,train_loss,epochs,steps,status"
+    assert csv_lines[1] == "2,1.0,0.0,0.95,0.94,0.3,2,40,done"
 
 
-def test_sweep_errors_are_one_line(tmp_path):
-    def run(*args):
-        return run_module("launch.sweep", *args, timeout=60)
-    missing = run("collect", tmp_path)
-    assert missing.returncode == 2 and "no grid.tsv" in missing.stderr
-    sweep.write_grid(tmp_path / "s", [0.1], [10])
-    again = run("submit", tmp_path / "s", "--lr", "0.1")
-    assert again.returncode == 2 and "already holds a sweep" in again.stderr
-    bad = run("submit", tmp_path / "t", "--lr", "fast")
-    assert bad.returncode == 2 and "not a comma-separated list" in bad.stderr
-    for result in (missing, again, bad):
-        assert "Traceback" not in result.stderr
+def test_collect_reads_a_sweep_of_the_lr_by_batch_size_version(tmp_path):
+    (tmp_path / "grid.tsv").write_text("task\tlr\tbatch_size\n0\t0.1\t10\n1\t1.0\t10\n")
+    (tmp_path / "task-1").mkdir()
+    (tmp_path / "task-1" / "summary.json").write_text(json.dumps(
+        {"test_acc": 0.9, "val_acc": 0.89, "train_loss": 0.3, "epochs": 2, "steps": 40}))
+    sweep.collect(tmp_path)
+    assert (tmp_path / "results.csv").read_text().splitlines() == [
+        "task,lr,batch_size,test_acc,val_acc,train_loss,epochs,steps,status",
+        "1,1.0,10,0.9,0.89,0.3,2,40,done", "0,0.1,10,,,,,,missing"]
+
+
+def test_sweep_errors_are_one_line_and_write_nothing(fake_sbatch, tmp_path):
+    missing = sweep_cli("collect", tmp_path)
+    assert "no grid.tsv" in error_line(missing)
+    sweep.write_grid(tmp_path / "s", ["lr"], [(0.1,)])
+    again = sweep_cli("submit", tmp_path / "s", "--lr", "0.1")
+    assert "already holds a sweep" in error_line(again)
+    cases = {
+        "--lr fast": "--lr: 'fast': not a comma-separated list of numbers",
+        "--batch-size 32,6.4": "--batch-size: '32,6.4': not a comma-separated list of whole",
+        "--nesterov off,yes": "--nesterov: 'off,yes': values must be off or on",
+        "--lr 1,1": "give distinct values",
+        "": "name at least one setting to sweep, e.g. --lr 0.1,1",
+        "--lr 1 --momentum 0.9,1.2":
+            "grid point lr=1.0 momentum=1.2: --momentum must be at least 0 and below 1, got 1.2",
+        "--lr 1 --momentum 0 --nesterov off,on":
+            "grid point lr=1.0 momentum=0.0 nesterov=on: --nesterov needs momentum",
+        "--schedule cosine,bogus": "schedule=bogus: argument --schedule: invalid choice",
+        "--momentum 0.5,0.9 -- --mom 0": "--momentum is swept: do not give it after --",
+        "--lr 0.1 -- --epochs 0": "grid point lr=0.1: --epochs must be positive"}
+    for args, message in cases.items():
+        args = args.split() if " -- " in args else args.split() + ["--", "--epochs", "1"]
+        result = sweep_cli("submit", tmp_path / "t", *args)
+        assert result.returncode == 2 and message in error_line(result), (args, result.stderr)
+    assert not (tmp_path / "t").exists() and not fake_sbatch.exists()
+    for result in (missing, again):
+        assert result.returncode == 2

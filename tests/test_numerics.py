@@ -96,9 +96,9 @@ def reference_matrix(small_h5, tmp_path_factory):
     return matrix(small_h5, tmp_path_factory.mktemp("matrix"))
 
 
-def test_matrix_covers_every_activation_loss_and_dtype(reference_matrix):
+def test_matrix_covers_every_activation_loss_dtype_and_optimizer(reference_matrix):
     names = reference_matrix["results"]
-    assert len(names) == 30 and len({digest for digest, _ in names.values()}) == 30
+    assert len(names) == 34 and len({digest for digest, _ in names.values()}) == 34
     assert reference_matrix["numerics"] == numerics.REFERENCE
 
 
@@ -106,7 +106,7 @@ def test_matrix_covers_every_activation_loss_and_dtype(reference_matrix):
 def test_training_bits_do_not_depend_on_the_machine(variation, reference_matrix, small_h5,
                                                     tmp_path):
     """params_sha256 and every epoch's metrics equal the reference run's, for every
-    activation, loss and dtype, with numpy's SIMD paths off, 2 BLAS threads, the oldest
+    activation, loss, dtype and optimizer setting, with numpy's SIMD paths off, 2 BLAS threads, the oldest
     supported numpy, or a GEMM that sums in another order."""
     env, extra = run_env(), []
     if variation == "simd-off":

@@ -103,7 +103,7 @@ def test_resume_refuses_settings_that_change_the_result(mnist_h5, tmp_path):
     assert bad.returncode == 2
     lines = [l for l in bad.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and "Traceback" not in bad.stderr
-    assert "--layers 784,64,10 -> 784,32,10" in lines[0] and "--lr 1.0 -> 0.3" in lines[0]
+    assert "--layers 784,64,10 -> 784,32,10" in lines[0] and "--lr 1.5 -> 0.3" in lines[0]
     fine = launch_train(["--data", mnist_h5, "--out", tmp_path, *ARGS, "--checkpoint-every", "7",
                          "--max-steps", "20", "--resume"])
     assert fine.returncode == 0, fine.stderr
@@ -198,6 +198,29 @@ def test_unreadable_rows_are_named_mid_run_and_at_load(mnist_h5, tmp_path):
     loaded = launch_train([*args, "--out", tmp_path / "m"], ranks=2, timeout=120)
     assert loaded.returncode == 2
     assert f"{damaged}: cannot read /train/images rows {first_row}-{first_row + 15}" in loaded.stderr
+
+
+OPTIMIZER_ARGS = ["--train-limit", "1200", "--val-size", "100", "--batch-size", "50",
+                  "--epochs", "3", "--layers", "784,16,10", "--lr", "0.5", "--momentum", "0.9",
+                  "--weight-decay", "0.001", "--warmup", "1"]
+
+
+@pytest.mark.parametrize("schedule", [["--schedule", "cosine", "--nesterov"],
+                                      ["--schedule", "step", "--decay-every", "0.5"]])
+def test_resume_mid_warmup_and_mid_decay_on_other_rank_counts(mnist_h5, tmp_path, schedule):
+    """22 steps an epoch: stop at step 9 (warming up) on 2 ranks, at step 40 (decaying) on
+    3, finish on 1: the velocity and the step's rate carry over, the bits equal one run's."""
+    args = ["--data", mnist_h5, "--out", tmp_path / "run", *OPTIMIZER_ARGS, *schedule]
+    whole = trained([*args[:3], tmp_path / "whole", *args[4:]], tmp_path / "whole")
+    for ranks, more in ((2, ["--max-steps", "9"]), (3, ["--max-steps", "40", "--resume"]),
+                        (None, ["--resume"])):
+        result = launch_train([*args, *more], ranks=ranks)
+        assert result.returncode == 0, result.stderr
+        path, state, _, _ = checkpoint.load_latest(tmp_path / "run" / "checkpoints", print)
+        assert len(state.velocity) == 2 and state.velocity[0][0].any()
+    assert run_result(tmp_path / "run") == whole
+    rates = [r["lr"] for r in whole[1][1:]]
+    assert len(set(rates)) == 3 and 0 < rates[-1] < rates[0] <= 0.5
 
 
 def test_resume_from_a_checkpoint_without_the_epoch_0_record(mnist_h5, tmp_path):

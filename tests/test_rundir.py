@@ -18,8 +18,9 @@ from distnn import checkpoint, rundir
 from distnn.errors import OutputError
 from distnn.outputs import MetricsLog
 
+# a constant rate: some tests continue a run with another --epochs
 ARGS = ["--train-limit", "1000", "--val-size", "100", "--epochs", "2", "--layers", "784,8,10",
-        "--batch-size", "50"]
+        "--batch-size", "50", "--schedule", "constant"]
 EXIT_BAD_INPUT, EXIT_OUTPUT = 2, 74
 
 
@@ -126,7 +127,7 @@ def test_a_full_disk_keeps_the_last_good_checkpoint_and_resumes(mnist_h5, tmp_pa
     args = ["--data", mnist_h5, "--train-limit", "2000", "--val-size", "0", "--epochs", "1",
             "--layers", "784,256,10", "--batch-size", "32", "--checkpoint-every", "5"]
     whole = trained(args, tmp_path / "whole")
-    with tmpfs(tmp_path / "small", "size=3m") as small:  # room for three 0.8 MB checkpoints
+    with tmpfs(tmp_path / "small", "size=5600k") as small:  # three 1.6 MB checkpoints (W, velocity)
         out = small / "run"
         full = launch_train([*args, "--out", out], ranks=2)
         assert full.returncode == EXIT_OUTPUT, full.stderr

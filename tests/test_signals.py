@@ -23,8 +23,9 @@ from conftest import (ROOT, catching_ranks, deliver_while_frozen, find_mpirun, l
                       need_slurm, rank_pids, run_env, run_result, trained, wait_for)
 from distnn import checkpoint
 
+# a constant rate, so the held trials (LONG) can resume to the 3-epoch result
 ARGS = ["--train-limit", "2000", "--val-size", "200", "--epochs", "3", "--layers", "784,32,10",
-        "--batch-size", "32", "--checkpoint-every", "20", "--log-every", "0"]
+        "--batch-size", "32", "--checkpoint-every", "20", "--log-every", "0", "--schedule", "constant"]
 LONG = [*ARGS, "--epochs", "30"]  # the held trials: stopped long before their end
 EXIT_STOPPED = 75
 RANKS = {"python": 1, "mpirun": 2, "srun": 2}

@@ -137,23 +137,32 @@ def test_sweep_array_and_collected_table(mnist_h5, tmp_path):
     env = run_env()
     env["DISTNN_PYTHON"] = sys.executable
     submitted = subprocess.run(
-        [sys.executable, "-m", "launch.sweep", "submit", str(folder), "--lr", "0.1,1.0",
-         "--batch-size", "32,64", "--wait", "--", "--data", str(mnist_h5), "--train-limit", "1000",
-         "--val-size", "100", "--epochs", "1", "--layers", "784,16,10"],
+        [sys.executable, "-m", "launch.sweep", "submit", str(folder), "--momentum", "0.5,0.9",
+         "--lr", "0.1,0.5", "--wait", "--", "--data", str(mnist_h5), "--train-limit", "1000",
+         "--val-size", "100", "--epochs", "1", "--layers", "784,16,10", "--batch-size", "32"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert submitted.returncode == 0, submitted.stderr
+    logs = "".join(p.read_text() for p in sorted(folder.glob("task-*/job.out")))
+    assert submitted.returncode == 0, submitted.stderr + logs
     assert "submitted 4 settings as job array" in submitted.stdout
+    grid = [(0.1, 0.5), (0.1, 0.9), (0.5, 0.5), (0.5, 0.9)]  # lr varies slowest
     collected = subprocess.run([sys.executable, "-m", "launch.sweep", "collect", str(folder)],
                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert collected.returncode == 0, collected.stderr
-    lines = [l for l in collected.stdout.splitlines() if l.startswith("| ") and "task" not in l]
-    settings = {(float(l.split("|")[2]), int(l.split("|")[3])) for l in lines}
-    assert settings == {(0.1, 32), (0.1, 64), (1.0, 32), (1.0, 64)}
-    accuracies = [float(l.split("|")[4]) for l in lines]
-    assert accuracies == sorted(accuracies, reverse=True) and min(accuracies) > 0
-    for task in range(4):
+    header, _, *lines = [l for l in collected.stdout.splitlines() if l.startswith("|")]
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert columns == ["task", "lr", "momentum", "test_acc", "val_acc", "train_loss", "epochs",
+                       "steps", "status"]
+    rows = [dict(zip(columns, (c.strip() for c in l.strip("|").split("|")))) for l in lines]
+    assert sorted(int(r["task"]) for r in rows) == [0, 1, 2, 3]
+    for row in rows:
+        task = int(row["task"])
+        assert (float(row["lr"]), float(row["momentum"])) == grid[task]
+        config = json.loads((folder / f"task-{task}" / "config.json").read_text())
+        assert (config["lr"], config["momentum"]) == grid[task]
         summary = json.loads((folder / f"task-{task}" / "summary.json").read_text())
-        assert f"{summary['test_acc']:.4f}" in collected.stdout
+        assert row["test_acc"] == f"{summary['test_acc']:.4f}" and row["status"] == "done"
+    accuracies = [float(r["test_acc"]) for r in rows]
+    assert accuracies == sorted(accuracies, reverse=True) and min(accuracies) > 0
     assert (folder / "results.csv").read_text().count("\n") == 5
     assert (folder / "results.md").read_text() == collected.stdout.rstrip("\n") + "\n"
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith("task-")) == \

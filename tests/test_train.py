@@ -7,18 +7,24 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import (ROOT, error_line, find_mpirun, launch_train, metrics_records, mnist_arrays,
+from conftest import (PLAIN_SGD, ROOT, error_line, find_mpirun, launch_train, metrics_records, mnist_arrays,
                       run_env, run_result, write_data)
 
 # Small, fast settings that still exercise every corner: several hidden layers,
 # a batch size that 3, 4, 6, 7 and 8 do not divide, a final partial batch
-# (530 training rows = 10 x 50 + 30), and two epochs so the shuffle is exercised.
+# (530 training rows = 10 x 50 + 30), two epochs so the shuffle is exercised, and
+# each optimizer setting: Nesterov momentum with weight decay, a warm-up and the
+# cosine; heavy-ball momentum with weight decay and the step schedule.
 CONFIGS = {
     "float32-shuffled": ["--layers", "784,16,12,10", "--batch-size", "50",
                          "--train-limit", "630", "--val-size", "100", "--epochs", "2",
-                         "--lr", "0.5", "--dtype", "float32"],
-    "float64-ordered": ["--layers", "784,20,10,10", "--activation", "tanh", "--batch-size", "45", "--train-limit", "600", "--val-size", "37",
-                        "--epochs", "2", "--lr", "0.1", "--dtype", "float64", "--no-shuffle"],
+                         "--lr", "0.5", "--dtype", "float32", "--momentum", "0.9", "--nesterov",
+                         "--weight-decay", "0.001", "--schedule", "cosine", "--warmup", "0.5"],
+    "float64-ordered": ["--layers", "784,20,10,10", "--activation", "tanh", "--batch-size", "45",
+                        "--train-limit", "600", "--val-size", "37", "--epochs", "2", "--lr", "0.1",
+                        "--dtype", "float64", "--no-shuffle", "--momentum", "0.8",
+                        "--weight-decay", "0.0001", "--schedule", "step", "--decay-every", "0.5",
+                        "--decay-factor", "0.5"],
 }
 
 
@@ -71,7 +77,7 @@ def test_outputs_and_single_config_print(mnist_h5, tmp_path):
 def test_init_from_model_file(mnist_h5, tmp_path):
     """1 epoch, then 1 more from its model.h5, equals 2 epochs (in file order) bit for bit."""
     common = ["--data", mnist_h5, "--train-limit", "200", "--val-size", "0", "--layers",
-              "784,8,10", "--batch-size", "20", "--no-shuffle"]
+              "784,8,10", "--batch-size", "20", "--no-shuffle", *PLAIN_SGD]
     first = launch_train([*common, "--epochs", "1", "--out", tmp_path / "a"])
     two = launch_train([*common, "--epochs", "2", "--out", tmp_path / "two"])
     second = launch_train([*common, "--epochs", "1", "--out", tmp_path / "b",
@@ -123,6 +129,17 @@ def test_exception_on_one_rank_ends_the_job_promptly(mnist_h5, tmp_path):
     (["--positive-digit", "3", "--layers", "784,1"], "needs a sigmoid output: use --loss bce"),
     (["--positive-digit", "3", "--loss", "mse"], "output width must be 1"),
     (["--layers", "784,1", "--loss", "mse"], "(or 1 with --positive-digit D), got 1"),
+    (["--momentum", "-0.1"], "--momentum must be at least 0 and below 1, got -0.1"),
+    (["--momentum", "1"], "--momentum must be at least 0 and below 1, got 1.0"),
+    (["--momentum", "nan"], "--momentum must be a finite number, got nan"),
+    (["--nesterov", "--momentum", "0"], "--nesterov needs momentum: give --momentum MU with 0 < MU < 1"),
+    (["--weight-decay", "-0.0001"], "--weight-decay must be 0 or more, got -0.0001"),
+    (["--warmup", "3", "--epochs", "2"], "--warmup 3 epochs is longer than the run (--epochs 2)"),
+    (["--schedule", "linear"], "argument --schedule: invalid choice: 'linear'"),
+    (["--schedule", "step"], "--schedule step needs --decay-every E"),
+    (["--schedule", "step", "--decay-every", "1", "--decay-factor", "2"],
+     "--decay-factor must be above 0 and at most 1, got 2.0"),
+    (["--decay-every", "1"], "--decay-every applies to --schedule step, not cosine"),
 ])
 def test_bad_settings_give_one_error_line(args, message, mnist_h5, tmp_path):
     result = launch_train(["--data", mnist_h5, "--out", tmp_path / "o", *args], ranks=3, timeout=60)

@@ -81,19 +81,6 @@ def test_quiet_prints_only_the_final_line(quiet_run):
     assert len(result.stdout.splitlines()) == 1
 
 
-def test_plot_one_and_several_runs(run_dir, quiet_run, tmp_path):
-    run, _ = run_dir
-    single = run_module("distnn.plot", run)
-    assert single.returncode == 0, single.stderr
-    assert png_size(run / "curves.png") == (1500, 450)
-    other, _ = quiet_run
-    both = run_module("distnn.plot", run, other, "--out", tmp_path / "cmp.png")
-    assert both.returncode == 0, both.stderr
-    assert png_size(tmp_path / "cmp.png") == (1500, 450)
-    import matplotlib.pyplot as plt
-    assert plt.imread(tmp_path / "cmp.png").shape[:2] == (450, 1500)
-
-
 def test_predictions_match_reported_test_accuracy(run_dir, mnist_h5):
     run, _ = run_dir
     result = run_module("distnn.predict", "--model", run / "model.h5", "--data", mnist_h5,

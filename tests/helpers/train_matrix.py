@@ -1,4 +1,5 @@
-"""Train every hidden activation x loss x dtype on a small data file, in this process;
+"""Train every hidden activation x loss x dtype, and each optimizer setting, on a small
+data file, in this process;
 print one JSON object: {name: [params_sha256, per-epoch metrics without timings]}.
 
     python tests/helpers/train_matrix.py DATA.h5 OUT_DIR [--blas-threads N] [--gemm NAME]
@@ -26,6 +27,10 @@ from distnn.config import Config  # noqa: E402
 ACTIVATIONS = ("sigmoid", "tanh", "relu", "elu", "softplus")
 LOSSES = {"ce": dict(layers=(784, 8, 10)), "mse": dict(layers=(784, 8, 10)),
           "bce": dict(layers=(784, 8, 1), positive_digit=3)}
+OPTIMIZERS = {"nesterov-cosine": dict(momentum=0.9, nesterov=True, weight_decay=1e-3,
+                                      schedule="cosine", warmup=0.5),
+              "momentum-step": dict(momentum=0.8, weight_decay=1e-4, schedule="step",
+                                    decay_every=0.5, decay_factor=0.5, warmup=0.25)}
 
 
 def reversed_gemm(a, b, out=None):
@@ -70,17 +75,19 @@ def main():
     np.seterr(all="ignore")
     if args.gemm:
         products.GEMM = GEMMS[args.gemm]
+    settings = {f"{dtype}-{activation}-{loss}": dict(dtype=dtype, activation=activation,
+                                                     loss=loss, **shape)
+                for dtype in args.dtypes.split(",") for activation in ACTIVATIONS
+                for loss, shape in LOSSES.items()}
+    settings.update({f"{dtype}-sigmoid-ce-{name}": dict(dtype=dtype, **optimizer)
+                     for dtype in args.dtypes.split(",") for name, optimizer in OPTIMIZERS.items()})
     results = {}
-    for dtype in args.dtypes.split(","):
-        for activation in ACTIVATIONS:
-            for loss, shape in LOSSES.items():
-                name = f"{dtype}-{activation}-{loss}"
-                out = Path(args.out) / name
-                cfg = Config(data=args.data, out=str(out), activation=activation, loss=loss,
-                             dtype=dtype, batch_size=40, epochs=2, val_size=40, lr=0.5,
-                             quiet=True, **shape)
-                train.run(cfg, MPI.COMM_SELF)
-                results[name] = run_result(out)
+    for name, setting in settings.items():
+        out = Path(args.out) / name
+        cfg = Config(data=args.data, out=str(out), batch_size=40, epochs=2, val_size=40, lr=0.5,
+                     quiet=True, **setting)
+        train.run(cfg, MPI.COMM_SELF)
+        results[name] = run_result(out)
     print(json.dumps({"numpy": np.__version__, "numerics": numerics.sample_digest(),
                       "results": results}))
 
