@@ -234,14 +234,15 @@ def check_optimizer(config):
                         "--decay-every": config.decay_every}.items():
         if value < 0:
             raise UserError(f"{flag} must be 0 or more, got {value}")
-    if config.warmup > config.epochs:
-        raise UserError(f"--warmup {config.warmup:g} epochs is longer than the run "
-                        f"(--epochs {config.epochs})")
+    for flag, value in {"--warmup": config.warmup, "--decay-every": config.decay_every}.items():
+        if value > config.epochs:
+            raise UserError(f"{flag} {value:g} epochs is longer than the run "
+                            f"(--epochs {config.epochs})")
+    if not 0 < config.decay_factor <= 1:
+        raise UserError(f"--decay-factor must be above 0 and at most 1, got {config.decay_factor}")
     if config.schedule == "step":
         if not config.decay_every:
             raise UserError("--schedule step needs --decay-every E: the epochs between decays")
-        if not 0 < config.decay_factor <= 1:
-            raise UserError(f"--decay-factor must be above 0 and at most 1, got {config.decay_factor}")
     elif config.decay_every:
         raise UserError(f"--decay-every applies to --schedule step, not {config.schedule}")
 

@@ -10,7 +10,8 @@
                (1 + cos(pi * t / T)) / 2                  cosine (T: the run's steps)
 
 Epoch lengths in the flags (fractions allowed) become whole steps here:
-``round(E * steps_per_epoch)``, at least one. The arithmetic is Python's
+``E * steps_per_epoch`` rounded half up, at least one. ``gamma ** k`` is
+taken by repeated squaring, a fixed sequence of products. The arithmetic is Python's
 IEEE-754 doubles, one operation at a time, and the cosine is distnn's own
 (fdlibm's kernels), not the C library's, so every machine computes the same
 rate bits: a rate is part of the cross-machine guarantee like any product.
@@ -62,8 +63,20 @@ def cos_pi(t):
 
 
 def steps_of(epochs, steps_per_epoch):
-    """Whole steps in ``epochs`` (a fraction allowed), at least one."""
+    """Whole steps in ``epochs`` (a fraction allowed; rounded half up), at least one."""
     return max(1, int(epochs * steps_per_epoch + 0.5))
+
+
+def power(x, k):
+    """x ** k for an integer k >= 0 by repeated squaring: O(log k) IEEE products, in an
+    order fixed by k alone (not the C library's pow)."""
+    result = 1.0
+    while k:
+        if k & 1:
+            result = result * x
+        x = x * x
+        k >>= 1
+    return result
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,10 +101,7 @@ class Schedule:
         """The learning rate of step ``t`` (0-based: the update from step t to t + 1)."""
         r = self.lr
         if self.kind == "step":
-            for _ in range(t // self.decay_steps):
-                r = r * self.decay_factor
-                if r == 0.0:
-                    break
+            r = r * power(self.decay_factor, t // self.decay_steps)
         elif self.kind == "cosine":
             r = r * (0.5 * (1.0 + cos_pi(min(t, self.total_steps) / self.total_steps)))
         if t < self.warmup_steps:

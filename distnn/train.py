@@ -244,6 +244,7 @@ def train_steps(cfg, comm, data, state, metrics_log, config_json, eval_reducer, 
         # that epoch's record (the same numbers as before) closes the run again
         record = epoch_record(state, cfg, data, comm, eval_reducer,
                               dict(compute=0.0, comm=0.0, data=0.0), 0.0, 0, rate)
+        record["elapsed_s"] = state.elapsed_s
         on_rank0(comm, metrics_log.append, record)
     summary = {"world_size": size, "steps": state.step, "epochs": record["epoch"],
                "params_sha256": dcomm.params_digest(state.params),

@@ -18,10 +18,12 @@ import io
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+from data_prep.files import reason
 from distnn import config as train_config
 from distnn.errors import UserError, cli
 
@@ -107,38 +109,68 @@ def check_grid(names, points, train_args):
             train_config.from_args(parsed)
         except UserError as exc:
             raise SweepError(f"{where}: {str(exc).removesuffix(' (see --help)')}") from None
+        except SystemExit:  # --help after --: it would print help, not train
+            raise SweepError("the arguments after -- ask for help, not a run: see "
+                             "python -m distnn.train --help") from None
         for name, value in zip(names, point):  # a repeat after -- would win over the grid's
             if getattr(parsed, name) != SWITCH.get(value, value):
                 raise SweepError(f"{flag(name)} is swept: do not give it after --")
 
 
 def write_grid(folder, names, points):
-    folder.mkdir(parents=True, exist_ok=True)
-    lines = ["\t".join(["task", *names])]
-    lines += ["\t".join(map(str, [task, *point])) for task, point in enumerate(points)]
-    (folder / "grid.tsv").write_text("\n".join(lines) + "\n")
+    """The sweep folder: ``task-<i>`` for each point (each element's run folder), then
+    ``grid.tsv``. Nothing is left behind when a write fails (SweepError naming it)."""
+    created = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for task in range(len(points)):
+            (folder / f"task-{task}").mkdir()
+        lines = ["\t".join(["task", *names])]
+        lines += ["\t".join(map(str, [task, *point])) for task, point in enumerate(points)]
+        (folder / "grid.tsv").write_text("\n".join(lines) + "\n")
+    except OSError as exc:
+        remove_grid(folder, len(points), created)
+        raise SweepError(f"cannot write the sweep into {folder}: {reason(exc)}") from None
+    return created
+
+
+def remove_grid(folder, n_points, created):
+    """Undo :func:`write_grid` (a sweep that was not submitted)."""
+    (folder / "grid.tsv").unlink(missing_ok=True)
+    for task in range(n_points):
+        try:
+            (folder / f"task-{task}").rmdir()
+        except OSError:
+            pass
+    if created:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def submit(args, train_args):
     folder = args.folder.resolve()
     if (folder / "grid.tsv").exists():
         raise SweepError(f"{folder}: already holds a sweep; choose another folder")
+    if folder.exists() and not folder.is_dir():
+        raise SweepError(f"{folder}: is a file, not a folder")
+    if folder.is_dir() and any(folder.iterdir()):
+        raise SweepError(f"{folder}: is not empty; choose a new or empty folder")
+    if args.ntasks < 1:
+        raise SweepError(f"--ntasks must be at least 1, got {args.ntasks}")
     names, points = make_grid(vars(args))
     check_grid(names, points, train_args)
-    write_grid(folder, names, points)
-    for task in range(len(points)):  # each element logs into its own run folder
-        (folder / f"task-{task}").mkdir()
+    if shutil.which("sbatch") is None:
+        raise SweepError("sbatch not found: is this a Slurm login node?")
+    created = write_grid(folder, names, points)
     env = dict(os.environ, DISTNN_SWEEP=str(folder), DISTNN_HOME=str(HOME),
                DISTNN_PYTHON=os.environ.get("DISTNN_PYTHON", sys.executable))
     command = ["sbatch", "--parsable", f"--array=0-{len(points) - 1}", f"--ntasks={args.ntasks}",
                f"--output={folder}/task-%a/job.out", *args.sbatch_arg, str(SBATCH), *train_args]
     if args.wait:
         command.insert(1, "--wait")
-    try:
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
-    except FileNotFoundError:
-        raise SweepError("sbatch not found: is this a Slurm login node?") from None
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
+        if not done.stdout.strip():  # nothing submitted: leave nothing behind
+            remove_grid(folder, len(points), created)
         raise SweepError(f"sbatch failed: {done.stderr.strip()}")
     job = done.stdout.strip().split(";")[0]
     return f"submitted {len(points)} settings as job array {job}; results in {folder}"

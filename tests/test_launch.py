@@ -101,10 +101,9 @@ def test_grid_and_collected_table(tmp_path):
     assert points == [(0.1, 0.0), (0.1, 0.9), (1.0, 0.0), (1.0, 0.9)]
     sweep.write_grid(tmp_path, names, points)
     for task, acc in ((0, 0.91), (2, 0.95)):
-        (tmp_path / f"task-{task}").mkdir()
         (tmp_path / f"task-{task}" / "summary.json").write_text(json.dumps(
             {"test_acc": acc, "val_acc": acc - 0.01, "train_loss": 0.3, "epochs": 2, "steps": 40}))
-    (tmp_path / "task-3" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "task-3" / "checkpoints").mkdir()
     table = sweep.collect(tmp_path)
     lines = table.splitlines()
     assert lines[0] == ("| task | lr | momentum | test_acc | val_acc | train_loss | epochs | steps "
@@ -147,7 +146,11 @@ def test_sweep_errors_are_one_line_and_write_nothing(fake_sbatch, tmp_path):
             "grid point lr=1.0 momentum=0.0 nesterov=on: --nesterov needs momentum",
         "--schedule cosine,bogus": "schedule=bogus: argument --schedule: invalid choice",
         "--momentum 0.5,0.9 -- --mom 0": "--momentum is swept: do not give it after --",
-        "--lr 0.1 -- --epochs 0": "grid point lr=0.1: --epochs must be positive"}
+        "--lr 0.1 -- --epochs 0": "grid point lr=0.1: --epochs must be positive",
+        "--lr 0.1 --ntasks 0": "--ntasks must be at least 1, got 0",
+        "--lr 0.1 -- --help": "the arguments after -- ask for help, not a run",
+        "--lr 0.1 --schedule step -- --decay-every 1e308":
+            "--decay-every 1e+308 epochs is longer than the run"}
     for args, message in cases.items():
         args = args.split() if " -- " in args else args.split() + ["--", "--epochs", "1"]
         result = sweep_cli("submit", tmp_path / "t", *args)
@@ -155,3 +158,25 @@ def test_sweep_errors_are_one_line_and_write_nothing(fake_sbatch, tmp_path):
     assert not (tmp_path / "t").exists() and not fake_sbatch.exists()
     for result in (missing, again):
         assert result.returncode == 2
+
+
+def test_a_sweep_not_submitted_leaves_nothing_behind(tmp_path, monkeypatch):
+    """sbatch refusing the array, a file where the folder should be, a folder in use."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text("#!/bin/sh\necho 'sbatch: error: invalid partition' >&2\nexit 1\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    refused = sweep_cli("submit", tmp_path / "new", "--lr", "0.1,1", "--", "--epochs", "1")
+    assert "sbatch failed: sbatch: error: invalid partition" in error_line(refused)
+    assert refused.returncode == 2 and not (tmp_path / "new").exists()
+    (tmp_path / "empty").mkdir()
+    sweep_cli("submit", tmp_path / "empty", "--lr", "0.1", "--", "--epochs", "1")
+    assert (tmp_path / "empty").is_dir() and not any((tmp_path / "empty").iterdir())
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "used" / "task-0").mkdir(parents=True)
+    for folder, message in ((tmp_path / "file", "is a file, not a folder"),
+                            (tmp_path / "used", "is not empty; choose a new or empty folder")):
+        result = sweep_cli("submit", folder, "--lr", "0.1", "--", "--epochs", "1")
+        assert result.returncode == 2 and message in error_line(result)
+    assert (tmp_path / "file").read_text() == "x" and not (tmp_path / "used" / "grid.tsv").exists()

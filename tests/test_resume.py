@@ -14,7 +14,7 @@ import h5py
 import pytest
 
 from conftest import (ROOT, corrupt_chunk, deliver_while_frozen, find_mpirun, frozen, launch_train,
-                      rank_pids, run_env, run_result, trained, wait_for)
+                      metrics_records, rank_pids, run_env, run_result, trained, wait_for)
 from distnn import checkpoint
 
 ARGS = ["--train-limit", "3200", "--val-size", "200", "--epochs", "4", "--layers", "784,64,10",
@@ -154,6 +154,8 @@ def test_resuming_a_finished_run_changes_nothing(mnist_h5, tmp_path, max_steps):
     assert after[1] == before[1]
     for key in ("steps", "epochs", "params_sha256", "train_loss", "val_acc", "test_acc"):
         assert after[0][key] == before[0][key], key
+    records = metrics_records(tmp_path)  # the record closing the run again: the time so far
+    assert records[-1]["elapsed_s"] > 0 and all("elapsed_s" in r for r in records)
 
 
 def test_ranks_with_different_settings_are_refused(mnist_h5, tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from distnn.config import Config
-from distnn.schedule import Schedule, cos_pi, steps_of
+from distnn.schedule import Schedule, cos_pi, power, steps_of
 
 
 def ulps(a, b):
@@ -79,3 +79,12 @@ def test_epoch_lengths_become_steps():
     assert (schedule.warmup_steps, schedule.decay_steps, schedule.total_steps) == (6, 17, 44)
     assert steps_of(0.01, 11) == 1  # never zero steps
     assert schedule.rate(16) == 0.5 and schedule.rate(17) == 0.25 and schedule.rate(34) == 0.125
+
+
+def test_step_decay_takes_powers_by_squaring_at_any_step():
+    """gamma ** k in O(log k) products: a late step of a long run costs no more than an early one."""
+    assert power(0.5, 0) == 1.0 and power(0.5, 10) == 0.5 ** 10 and power(3.0, 5) == 243.0
+    assert power(0.9, 1000) == pytest.approx(0.9 ** 1000, rel=1e-13)
+    schedule = Schedule(lr=0.4, kind="step", decay_steps=1, decay_factor=1.0)
+    assert schedule.rate(10**15) == 0.4
+    assert Schedule(lr=0.4, kind="step", decay_steps=1, decay_factor=0.5).rate(10**15) == 0.0

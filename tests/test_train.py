@@ -140,6 +140,9 @@ def test_exception_on_one_rank_ends_the_job_promptly(mnist_h5, tmp_path):
     (["--schedule", "step", "--decay-every", "1", "--decay-factor", "2"],
      "--decay-factor must be above 0 and at most 1, got 2.0"),
     (["--decay-every", "1"], "--decay-every applies to --schedule step, not cosine"),
+    (["--schedule", "step", "--decay-every", "1e308"],
+     "--decay-every 1e+308 epochs is longer than the run (--epochs 15)"),
+    (["--decay-factor", "-3"], "--decay-factor must be above 0 and at most 1, got -3.0"),
 ])
 def test_bad_settings_give_one_error_line(args, message, mnist_h5, tmp_path):
     result = launch_train(["--data", mnist_h5, "--out", tmp_path / "o", *args], ranks=3, timeout=60)
