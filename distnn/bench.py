@@ -18,7 +18,18 @@ For one configuration (default 784-256-10 sigmoid/softmax, batch 256, float32) i
   resident memory per rank, with the data set in memory and with ``--stream``;
 - the ceiling without communication: independent processes, as many as the
   largest measured rank count that fits the cores, each training its share of
-  every batch alone, launched and timed the same way.
+  every batch alone, launched and timed the same way;
+- the step's two Allreduce calls at their measured sizes on 2 ranks, over
+  shared memory and over TCP (between simulated nodes when launch/nodes.sh has
+  them up, else on this host; ``--tcp``), with the rank-to-rank TCP sockets and
+  bytes as evidence of the transport (:func:`distnn.allreduce_bench.measure`);
+- a model of the step at more ranks, one per node (:mod:`distnn.scaling`): the
+  local work of one rank's share of the batch, timed in this process for each
+  rank count with a stand-in communicator (no network) and fitted as fixed +
+  per-row, plus each Allreduce's alpha-beta time for the algorithm MPICH uses
+  at its size on 10, 25 and 100 Gb/s networks (``--networks``, ``--latency-us``):
+  modelled step time and scaling efficiency at the configured batch, and the
+  smallest batch reaching ``--target`` efficiency.
 
 Throughput comes from windows of ``--window`` steps: samples per window over
 the median window time of all repetitions (after a warm-up), so windows slowed
@@ -45,6 +56,8 @@ from mpi4py import MPI
 from threadpoolctl import threadpool_info, threadpool_limits
 
 from distnn import model, optim
+from distnn import allreduce_bench
+from distnn import scaling as netmodel
 from distnn.config import DEFAULT_DATA, Config
 from distnn.data import Dataset
 from distnn.exact import ExactGradients
@@ -64,11 +77,36 @@ def parse_args(argv=None):
                    help="steps per timed window; throughput uses the median window (default 20)")
     p.add_argument("--repeats", type=int, default=5, help="repetitions after a warm-up (default 5)")
     p.add_argument("--out", default="bench", help="writes OUT.json and OUT.md (default bench)")
+    p.add_argument("--tcp", default="auto", choices=["auto", "nodes", "loopback", "off"],
+                   help="where to time the Allreduce calls over TCP: between simulated nodes "
+                        "(launch/nodes.sh up 2), on this host, auto (nodes when up, else this "
+                        "host; the default) or off (shared memory only)")
+    p.add_argument("--calls", type=int, default=200,
+                   help="timed calls of each Allreduce per launch of that measurement (default 200)")
+    p.add_argument("--model-ranks", default="2,4,8,16,32,64",
+                   help="rank counts of the model, one rank per node (default 2,4,8,16,32,64)")
+    p.add_argument("--networks", default="10,25,100",
+                   help="network bandwidths of the model in Gb/s (default 10,25,100)")
+    p.add_argument("--latency-us", type=float, default=30.0,
+                   help="the model's latency per message in microseconds (default 30: TCP "
+                        "over Ethernet, kernel stacks on both ends and one switch)")
+    p.add_argument("--target", type=float, default=0.8,
+                   help="scaling efficiency for which the model finds the smallest batch (default 0.8)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--stream", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--independent", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        ranks = [int(r) for r in args.model_ranks.split(",")]
+        gbps = [float(g) for g in args.networks.split(",")]
+    except ValueError:
+        p.error("--model-ranks and --networks take comma-separated numbers")
+    if min(ranks) < 1 or min(gbps) <= 0 or args.latency_us < 0 or args.calls < 1:
+        p.error("--model-ranks, --networks and --calls must be positive, --latency-us not negative")
+    if not 0 < args.target < 1:
+        p.error("--target is an efficiency between 0 and 1")
+    return args
 
 
 def window_of(args):
@@ -196,6 +234,81 @@ def exact_step_loop(cfg, data, rows, comm, phases, window):
     return once, sent
 
 
+class NoNetwork:
+    """Rank 0 of ``size`` ranks whose Allreduce calls cost nothing (they return this rank's
+    own values): exact_step_loop on it times the local work of one rank's share of each
+    batch at that rank count, in this process."""
+
+    rank = 0
+
+    def __init__(self, size):
+        self.size = size
+
+    def Barrier(self):
+        pass
+
+    def Allreduce(self, sendbuf, recvbuf, op=None):
+        if sendbuf is not MPI.IN_PLACE:
+            recvbuf[...] = sendbuf
+
+
+def batch_messages(args, cfg, data, measured):
+    """The step's Allreduce calls at global batch B as (count, item bytes): the grid
+    agreement's int64s, then the gradient buffer's float64s, which has one row of the
+    first weight gradient per pixel column used in the batch (the median over batches of
+    B rows). ``measured``: the gradient count measured at the configured batch."""
+    reducer = ExactGradients(cfg.layers, N_STATS)
+    small, counts = reducer.agree.local.size, {cfg.batch_size: measured}
+    n_train = data.size("train")
+
+    def messages(batch):
+        if batch not in counts:
+            rows = ([np.arange(n_train)] if batch >= n_train else
+                    batch_rows(data, dataclasses.replace(cfg, batch_size=batch), min(args.steps, 20)))
+            counts[batch] = int(statistics.median(
+                reducer.offsets[-1] + len(data.nonzero_columns(r)) * cfg.layers[1] for r in rows))
+        return [(small, 8), (counts[batch], 8)]
+    return messages
+
+
+def model_report(args, cfg, local_ms, messages, limit):
+    """The scaling model from the local work per step measured at each rank count
+    (``local_ms``: {ranks: ms}) and the messages; JSON-ready."""
+    networks = [netmodel.Network(f"{float(g):g} Gb/s", float(g) * 1e9, args.latency_us * 1e-6)
+                for g in args.networks.split(",")]
+    ranks = [int(r) for r in args.model_ranks.split(",")]
+    points = [(netmodel.rows_per_rank(cfg.batch_size, p), ms * 1e-3) for p, ms in local_ms.items()]
+    fixed, per_row = (netmodel.fit_line(*zip(*points)) if len(points) > 1
+                      else (0.0, points[0][1] / points[0][0]))
+    if per_row <= 0:  # timings too noisy to separate (a tiny network): all of it per row
+        fixed, per_row = 0.0, local_ms[1] * 1e-3 / cfg.batch_size
+    gamma = allreduce_bench.reduce_rate(messages(cfg.batch_size)[-1][0], args.repeats * 4)
+    fitted = netmodel.StepModel(per_row, max(fixed, 0.0), messages, gamma)
+    proportional = netmodel.StepModel(local_ms[1] * 1e-3 / cfg.batch_size, 0.0, messages, gamma)
+    return {"latency_us": args.latency_us, "networks": [n.name for n in networks],
+            "target": args.target, "batch_limit": limit, "local_ms": local_ms,
+            "fixed_ms": 1e3 * fitted.fixed_s, "per_row_us": 1e6 * per_row,
+            "reduce_gb_per_s": gamma / 1e9, "messages": messages(cfg.batch_size),
+            "rows": netmodel.model_tables(fitted, networks, ranks, cfg.batch_size, args.target, limit),
+            "proportional_min_batch": {
+                n.name: {p: netmodel.min_batch(proportional, p, n, args.target, limit) for p in ranks}
+                for n in networks}}
+
+
+def check_at_two(report, local_ms):
+    """The model's 2-rank step on this host (local work + the measured shared-memory calls)
+    next to the measured 2-rank runs; None without them."""
+    runs = {(r["ranks"], r["stream"], r.get("independent", False)): r for r in report["runs"]}
+    two, alone = runs.get((2, False, False)), runs.get((2, False, True))
+    if 2 not in local_ms or two is None or alone is None:
+        return None
+    shm = report["allreduce"]["shm"]
+    shm_ms = shm["sum_ms"] + shm["max_us"] / 1e3
+    return {"local_ms": local_ms[2], "shm_ms": shm_ms, "model_ms": local_ms[2] + shm_ms,
+            "measured_ms": 1e3 * two["samples_per_step"] / two["samples_per_s"],
+            "independent_ms": 1e3 * alone["samples_per_step"] / alone["samples_per_s"]}
+
+
 def worker(args):
     """One rank of an exact-training measurement; rank 0 writes the result JSON."""
     threadpool_limits(limits=1, user_api="blas")
@@ -303,7 +416,8 @@ def markdown(report):
             f"{r['samples_per_s']:,.0f} | {r['samples_per_s'] / base:.2f} | "
             f"{r['samples_per_s'] / bound:.0%} | {r['data_ms']:.2f} | {r['compute_ms']:.2f} | "
             f"{r['reduction_ms']:.2f} | {r['allreduce_bytes_per_step']:,} | {r['peak_rss_mb']:.0f} MB |")
-    return "\n".join(lines) + "\n"
+    return ("\n".join(lines) + "\n"
+            + netmodel.markdown(report["allreduce"], report["model"], cfg["batch_size"]))
 
 
 def main(argv=None):
@@ -321,11 +435,20 @@ def main(argv=None):
              for dt in ("float32", "float64")}
     window = window_of(args)
     plain = plain_step_loop(cfg, data, rows, window)
-    exact, _ = exact_step_loop(cfg, data, rows, MPI.COMM_SELF, [], window)
-    plain(), exact()  # warm-up
-    pairs = [(plain(), exact()) for _ in range(args.repeats)]  # alternating
-    plain_s = statistics.median(w for p, _ in pairs for w in p)
-    exact_s = statistics.median(w for _, e in pairs for w in e)
+    exact, sent = exact_step_loop(cfg, data, rows, MPI.COMM_SELF, [], window)
+    model_ranks = [p for p in map(int, args.model_ranks.split(",")) if p > 1]
+    shares = {p: exact_step_loop(cfg, data, rows, NoNetwork(p), [], window)[0] for p in model_ranks}
+    plain(), exact(), [once() for once in shares.values()]  # warm-up
+    rounds = [(plain(), exact(), {p: once() for p, once in shares.items()})
+              for _ in range(args.repeats)]  # alternating
+    plain_s = statistics.median(w for p, _, _ in rounds for w in p)
+    exact_s = statistics.median(w for _, e, _ in rounds for w in e)
+    local_ms = {1: 1e3 * exact_s / window,
+                **{p: 1e3 * statistics.median(w for _, _, s in rounds for w in s[p]) / window
+                   for p in model_ranks}}
+    agree = ExactGradients(cfg.layers, N_STATS).agree.local
+    grad_count = (statistics.median_low(sent) - agree.nbytes) // 8
+    messages = batch_messages(args, cfg, data, grad_count)
     samples = window * cfg.batch_size
     report = {"config": {k: getattr(args, k) for k in ("layers", "batch_size", "dtype", "steps", "repeats")},
               "window": window,
@@ -336,6 +459,9 @@ def main(argv=None):
               "runs": scaling(args, [int(r) for r in args.ranks.split(",")],
                               len(os.sched_getaffinity(0)))}
     report["runs"].append(summarize(args, [run_worker(args, 1, args.repeats, stream=True)]))
+    report["allreduce"] = allreduce_bench.measure(grad_count, agree.size, args.calls, args.repeats, args.tcp)
+    report["model"] = model_report(args, cfg, local_ms, messages, data.size("train"))
+    report["model"]["check_p2"] = check_at_two(report, local_ms)
     table = markdown(report)
     Path(f"{args.out}.json").write_text(json.dumps(report, indent=2) + "\n")
     Path(f"{args.out}.md").write_text(table)

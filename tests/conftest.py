@@ -264,3 +264,46 @@ def need_slurm():
 def need_root(why):
     if os.geteuid() != 0:
         pytest.skip(f"needs root to {why}")
+
+
+# -- Simulated nodes -----------------------------------------------------------------
+
+NODES = ROOT / "launch" / "nodes.sh"
+NODES_STATE = Path("/run/distnn-nodes")
+
+
+def nodes_problem():
+    """Why simulated nodes (launch/nodes.sh) cannot be brought up here, or None."""
+    if os.geteuid() != 0:
+        return "simulated nodes need root (network namespaces)"
+    for tool in ("ip", "nsenter", "unshare"):
+        if shutil.which(tool) is None:
+            return f"simulated nodes need the {tool} command"
+    return None
+
+
+@pytest.fixture(scope="session")
+def simulated_nodes():
+    """Two simulated nodes (node1, node2; 2 slots each), brought up for the session's
+    multinode tests and removed at its end (unless they were up before). Skipped with the reason without root or
+    iproute2; failed instead with DISTNN_REQUIRE_MULTINODE=1 (CI)."""
+    problem = nodes_problem()
+    if problem:
+        if os.environ.get("DISTNN_REQUIRE_MULTINODE") == "1":
+            pytest.fail(problem)
+        pytest.skip(problem)
+    were_up = (NODES_STATE / "hostfile").exists()  # someone's nodes: leave them up after
+    subprocess.run(["bash", str(NODES), "up", "2"], check=True, capture_output=True, text=True)
+    yield NODES_STATE
+    if not were_up:
+        subprocess.run(["bash", str(NODES), "down"], check=True, capture_output=True, text=True)
+
+
+def node_mpirun(hosts=None, *, tcp=True):
+    """The mpirun command that starts ranks on simulated nodes (``hosts``: hydra's
+    ``node1:2,node2:2``, or None when each MPMD block names its -host), ranks talking
+    over TCP only when ``tcp``."""
+    command = [find_mpirun(), "-launcher", "ssh", "-launcher-exec", str(ROOT / "launch" / "node-exec"),
+               "-localhost", (NODES_STATE / "host-address").read_text().strip()]
+    command += ["-hosts", hosts] if hosts else []
+    return (["env", "UCX_TLS=tcp,self"] if tcp else []) + command
