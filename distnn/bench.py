@@ -424,6 +424,10 @@ def main(argv=None):
     args = parse_args(argv)
     if args.worker:
         return worker(args)
+    if not Path(args.out).resolve().parent.is_dir():  # say so now, not after the whole run
+        print(f"distnn.bench: error: --out {args.out}: the folder {Path(args.out).parent} "
+              "does not exist", file=sys.stderr)
+        return 2
     threadpool_limits(limits=1, user_api="blas")
     cfg = config_of(args)
     data = Dataset(cfg.data, val_size=0)

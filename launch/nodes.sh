@@ -27,13 +27,17 @@ need_root() {
 }
 
 node_names() {  # the nodes that exist now, in order
-    ip netns list 2>/dev/null | awk '$1 ~ /^distnn-node[0-9]+$/ {sub("distnn-", "", $1); print $1}' |
-        sort -V
+    local ns
+    for ns in /run/netns/distnn-node*; do
+        [ -e "$ns" ] && echo "${ns#/run/netns/distnn-}"
+    done | sort -V
 }
+
+node_exists() { [[ $1 =~ ^node[0-9]+$ ]] && [ -e "/run/netns/distnn-$1" ]; }
 
 node_up() {  # node_up I: namespace, veth on the bridge, address, hostname
     local i=$1 node=node$1 ns=distnn-node$1
-    ip netns list | grep -qw "$ns" || ip netns add "$ns"
+    node_exists "$node" || ip netns add "$ns"
     if ! ip -n "$ns" link show eth0 >/dev/null 2>&1; then
         ip link del "dnveth$i" 2>/dev/null || true
         ip link add "dnveth$i" type veth peer name eth0 netns "$ns"
@@ -53,13 +57,16 @@ up() {
     shift || true
     while [ $# -gt 0 ]; do
         case $1 in
-            --cpus) cpus=${2:?--cpus needs a number}; shift 2 ;;
+            --cpus) cpus=${2:-}; shift; [ $# -eq 0 ] || shift ;;
             *) die "unknown option $1 (see the header of $0)" ;;
         esac
     done
     [[ $n =~ ^[1-9][0-9]?$ ]] || die "up needs a node count from 1 to 99, got '${n}'"
     [[ $cpus =~ ^[1-9][0-9]*$ ]] || die "--cpus needs a positive number, got '$cpus'"
     need_root
+    local taken
+    taken=$(ip route show "$NET.0/24" | grep -v "dev $BRIDGE" || true)
+    [ -z "$taken" ] || die "$NET.0/24 is already routed on this host ($taken); the nodes need it"
     mkdir -p "$STATE"
     ip link show "$BRIDGE" >/dev/null 2>&1 || ip link add "$BRIDGE" type bridge
     ip addr replace "$HOST_IP/24" dev "$BRIDGE"
@@ -71,7 +78,7 @@ up() {
     done
     {
         echo "127.0.0.1 localhost"
-        echo "$HOST_IP $(hostname) distnn-host"
+        echo "$HOST_IP $(hostname) $(hostname -s) distnn-host"
         for ((i = 1; i <= n; i++)); do echo "$NET.$((10 + i)) node$i"; done
     } > "$STATE/hosts"
     for ((i = 1; i <= n; i++)); do echo "node$i:$cpus"; done > "$STATE/hostfile"
@@ -81,9 +88,13 @@ up() {
 
 remove_node() {  # remove_node I: its processes, namespaces and veth
     local node=node$1 ns=distnn-node$1
-    local pids
-    pids=$(ip netns pids "$ns" 2>/dev/null || true)
-    [ -z "$pids" ] || kill -KILL $pids 2>/dev/null || true
+    local pids tries
+    for tries in 1 2 3 4 5 6 7 8 9 10; do  # again: a process may fork while it is killed
+        pids=$(ip netns pids "$ns" 2>/dev/null || true)
+        [ -n "$pids" ] || break
+        kill -KILL $pids 2>/dev/null || true
+        sleep 0.1
+    done
     ip netns del "$ns" 2>/dev/null || true
     ip link del "dnveth$1" 2>/dev/null || true
     if mountpoint -q "$STATE/$node.uts"; then umount "$STATE/$node.uts"; fi
@@ -92,8 +103,13 @@ remove_node() {  # remove_node I: its processes, namespaces and veth
 
 down() {
     need_root
-    local node
+    local node left
     for node in $(node_names); do remove_node "${node#node}"; done
+    for left in "$STATE"/node*.uts; do  # what an interrupted down or a manual netns del left
+        [ -e "$left" ] || continue
+        left=${left##*/node}
+        remove_node "${left%.uts}"
+    done
     ip link del "$BRIDGE" 2>/dev/null || true
     rm -f "$STATE/hosts" "$STATE/hostfile" "$STATE/host-address"
     rmdir "$STATE" 2>/dev/null || true
@@ -115,10 +131,11 @@ status() {
 }
 
 run_on() {  # run_on NODE CMD...: in its network and UTS namespaces, with its /etc/hosts
-    local node=${1:?exec needs a node name}
+    [ $# -gt 0 ] || die "exec needs a node name and a command"
+    local node=$1
     shift
     [ $# -gt 0 ] || die "exec $node needs a command"
-    ip netns list | grep -qw "distnn-$node" || die "no simulated node $node (see: $0 status)"
+    node_exists "$node" || die "no simulated node $node (see: $0 status)"
     exec nsenter --net="/run/netns/distnn-$node" --uts="$STATE/$node.uts" \
         unshare --mount --propagation private \
         sh -c 'mount --bind "$0" /etc/hosts && exec "$@"' "$STATE/hosts" "$@"

@@ -285,15 +285,21 @@ def nodes_problem():
 @pytest.fixture(scope="session")
 def simulated_nodes():
     """Two simulated nodes (node1, node2; 2 slots each), brought up for the session's
-    multinode tests and removed at its end (unless they were up before). Skipped with the reason without root or
-    iproute2; failed instead with DISTNN_REQUIRE_MULTINODE=1 (CI)."""
+    multinode tests and removed at its end; nodes that were up before are used as they
+    are and left up. Skipped with the reason without root or iproute2; failed instead
+    with DISTNN_REQUIRE_MULTINODE=1 (CI)."""
     problem = nodes_problem()
     if problem:
         if os.environ.get("DISTNN_REQUIRE_MULTINODE") == "1":
             pytest.fail(problem)
         pytest.skip(problem)
-    were_up = (NODES_STATE / "hostfile").exists()  # someone's nodes: leave them up after
-    subprocess.run(["bash", str(NODES), "up", "2"], check=True, capture_output=True, text=True)
+    hostfile = NODES_STATE / "hostfile"
+    were_up = hostfile.exists() and len(hostfile.read_text().split()) >= 2  # someone's: kept
+    if not were_up:
+        up = subprocess.run(["bash", str(NODES), "up", "2"], capture_output=True, text=True)
+        if up.returncode != 0:
+            subprocess.run(["bash", str(NODES), "down"], capture_output=True)
+            pytest.fail(f"launch/nodes.sh up 2 failed: {up.stderr.strip()}")
     yield NODES_STATE
     if not were_up:
         subprocess.run(["bash", str(NODES), "down"], check=True, capture_output=True, text=True)
