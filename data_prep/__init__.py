@@ -16,7 +16,3 @@ IDX_NAMES = {
     ("test", "images"): "t10k-images-idx3-ubyte",
     ("test", "labels"): "t10k-labels-idx1-ubyte",
 }
-
-
-class PrepError(Exception):
-    """A user-facing problem with an input or output file; the message names it."""

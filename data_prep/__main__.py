@@ -9,10 +9,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from data_prep import BUNDLED_DIR, IDX_NAMES, PrepError, schema
+from data_prep import BUNDLED_DIR, IDX_NAMES, schema
 from data_prep.csv_source import read_csv_images, read_csv_labels
 from data_prep.download import MIRRORS, download
 from data_prep.idx import find_idx, read_images, read_labels, sha256_hex
+from distnn.errors import UserError, cli
 
 DEFAULT_OUT = Path("data") / "mnist.h5"
 
@@ -43,7 +44,7 @@ def load_csv(args):
              ("test", "images"): args.test_x, ("test", "labels"): args.test_y}
     missing = [f"--{s}-{'x' if k == 'images' else 'y'}" for (s, k), p in paths.items() if p is None]
     if missing:
-        raise PrepError(f"CSV input needs all four files; missing {', '.join(missing)}")
+        raise UserError(f"CSV input needs all four files; missing {', '.join(missing)}")
     arrays, sources = {}, {}
     for key, path in paths.items():
         reader = read_csv_images if key[1] == "images" else read_csv_labels
@@ -65,12 +66,12 @@ def load_idx(source_dir):
 def check_output(out, force):
     """Refuse bad output paths; return True if a good output already exists."""
     if out.is_dir():
-        raise PrepError(f"{out}: output path is a directory")
+        raise UserError(f"{out}: output path is a directory")
     if out.exists() and not force:
         try:
             schema.check(out)
-        except PrepError:
-            raise PrepError(f"{out}: exists and is not a valid distnn data file; "
+        except UserError:
+            raise UserError(f"{out}: exists and is not a valid distnn data file; "
                             "use --force to replace it") from None
         return True
     return False
@@ -91,19 +92,14 @@ def prepare(args):
     try:
         schema.write(args.out, arrays, sources)
     except OSError as exc:
-        raise PrepError(f"{args.out}: cannot write: {exc.strerror or exc}") from None
+        raise UserError(f"{args.out}: cannot write: {exc.strerror or exc}") from None
     return (f"{args.out}: wrote {len(arrays[('train', 'images')])} training and "
             f"{len(arrays[('test', 'images')])} test images")
 
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        print(prepare(args))
-    except PrepError as exc:
-        print(f"data_prep: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return cli("data_prep", lambda: prepare(args), UserError)  # bad input: one line, exit 2
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ one-hot row of 10 values.
 
 import numpy as np
 
-from data_prep import PrepError
 from data_prep.idx import read_bytes
+from distnn.errors import UserError
 
 PIXELS = 784
 CLASSES = 10
@@ -20,14 +20,14 @@ def _rows(path):
     try:
         lines = text.decode("ascii").splitlines()
     except UnicodeDecodeError:
-        raise PrepError(f"{path}: not a text CSV file") from None
+        raise UserError(f"{path}: not a text CSV file") from None
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             yield number, [float(v) for v in line.split(",")]
         except ValueError:
-            raise PrepError(f"{path}: row {number}: a value is not a number") from None
+            raise UserError(f"{path}: row {number}: a value is not a number") from None
 
 
 def read_csv_images(path):
@@ -35,19 +35,19 @@ def read_csv_images(path):
     rows = []
     for number, values in _rows(path):
         if len(values) != PIXELS:
-            raise PrepError(f"{path}: row {number} has {len(values)} values, expected {PIXELS}")
+            raise UserError(f"{path}: row {number} has {len(values)} values, expected {PIXELS}")
         rows.append(values)
     if not rows:
-        raise PrepError(f"{path}: no rows")
+        raise UserError(f"{path}: no rows")
     pixels = np.asarray(rows, dtype=np.float64)
     if not np.all(np.isfinite(pixels)) or pixels.min() < 0 or pixels.max() > 255:
         row = int(np.flatnonzero(~((pixels >= 0) & (pixels <= 255))).min() // PIXELS)
-        raise PrepError(f"{path}: row {row + 1}: pixel values must lie in 0..1 or 0..255")
+        raise UserError(f"{path}: row {row + 1}: pixel values must lie in 0..1 or 0..255")
     if pixels.max() <= 1.0:
         return np.rint(pixels * 255.0).astype(np.uint8), read_bytes(path)
     if not np.array_equal(pixels, np.rint(pixels)):
         row = int(np.flatnonzero(pixels != np.rint(pixels)).min() // PIXELS)
-        raise PrepError(
+        raise UserError(
             f"{path}: row {row + 1}: values above 1 must be integers 0..255 "
             "(or scale all pixels to 0..1)"
         )
@@ -61,16 +61,16 @@ def read_csv_labels(path):
         if len(values) == 1:
             value = values[0]
             if not (0 <= value <= 9 and value == int(value)):
-                raise PrepError(f"{path}: row {number}: label {values[0]:g} is outside 0-9")
+                raise UserError(f"{path}: row {number}: label {values[0]:g} is outside 0-9")
             labels.append(int(value))
         elif len(values) == CLASSES:
             if sorted(values) != [0.0] * (CLASSES - 1) + [1.0]:
-                raise PrepError(f"{path}: row {number}: not a one-hot row of 10 values")
+                raise UserError(f"{path}: row {number}: not a one-hot row of 10 values")
             labels.append(values.index(1.0))
         else:
-            raise PrepError(
+            raise UserError(
                 f"{path}: row {number} has {len(values)} values, expected 1 label or 10 one-hot"
             )
     if not labels:
-        raise PrepError(f"{path}: no rows")
+        raise UserError(f"{path}: no rows")
     return np.asarray(labels, dtype=np.uint8), read_bytes(path)

@@ -13,7 +13,8 @@ import urllib.request
 import zlib
 from pathlib import Path
 
-from data_prep import BUNDLED_DIR, IDX_NAMES, PrepError
+from data_prep import BUNDLED_DIR, IDX_NAMES
+from distnn.errors import UserError
 
 MIRRORS = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
@@ -38,23 +39,23 @@ def _fetch(url):
         with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
             return response.read()
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
-        raise PrepError(f"{url}: download failed: {getattr(exc, 'reason', exc)}") from None
+        raise UserError(f"{url}: download failed: {getattr(exc, 'reason', exc)}") from None
 
 
 def _verify(url, payload, name, sums):
     try:
         raw = gzip.decompress(payload) if payload[:2] == b"\x1f\x8b" else payload
     except (EOFError, OSError, zlib.error):
-        raise PrepError(f"{url}: corrupt or truncated gzip data") from None
+        raise UserError(f"{url}: corrupt or truncated gzip data") from None
     digest = hashlib.sha256(raw).hexdigest()
     if digest != sums[name]:
-        raise PrepError(f"{url}: checksum mismatch (sha256 {digest}, expected {sums[name]})")
+        raise UserError(f"{url}: checksum mismatch (sha256 {digest}, expected {sums[name]})")
 
 
 def download(dest_dir, mirrors=MIRRORS):
     """Download the four files into ``dest_dir``, trying each mirror in turn.
 
-    Every file is verified before it is written. Raises PrepError naming the
+    Every file is verified before it is written. Raises UserError naming the
     last failure if no mirror gives a verified copy of a file.
     """
     sums = known_sums()
@@ -65,10 +66,10 @@ def download(dest_dir, mirrors=MIRRORS):
             try:
                 payload = _fetch(url)
                 _verify(url, payload, name, sums)
-            except PrepError as exc:
+            except UserError as exc:
                 errors.append(str(exc))
                 continue
             (Path(dest_dir) / (name + ".gz")).write_bytes(payload)
             break
         else:
-            raise PrepError(errors[-1] if errors else "no mirror given")
+            raise UserError(errors[-1] if errors else "no mirror given")

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep import PrepError
+from data_prep import schema
+from distnn.errors import UserError
+
 
 IMAGES_MAGIC = 0x00000803
 LABELS_MAGIC = 0x00000801
@@ -25,13 +27,13 @@ def read_bytes(path):
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise PrepError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        raise UserError(f"{path}: cannot read: {exc.strerror or exc}") from None
     if raw[:2] != b"\x1f\x8b":
         return raw
     try:
         return gzip.decompress(raw)
     except (EOFError, OSError, zlib.error) as exc:
-        raise PrepError(f"{path}: corrupt or truncated gzip data ({exc})") from None
+        raise UserError(f"{path}: corrupt or truncated gzip data ({exc})") from None
 
 
 def sha256_hex(data):
@@ -41,22 +43,22 @@ def sha256_hex(data):
 def parse_idx(data, path, magic):
     """Parse IDX bytes with the expected ``magic``; return a uint8 array."""
     if len(data) < 4:
-        raise PrepError(f"{path}: too short for an IDX header ({len(data)} bytes)")
+        raise UserError(f"{path}: too short for an IDX header ({len(data)} bytes)")
     found = int.from_bytes(data[:4], "big")
     if found != magic:
-        raise PrepError(
+        raise UserError(
             f"{path}: wrong IDX magic number 0x{found:08x} (expected 0x{magic:08x})"
         )
     ndim = magic & 0xFF
     header = 4 + 4 * ndim
     if len(data) < header:
-        raise PrepError(f"{path}: truncated IDX header")
+        raise UserError(f"{path}: truncated IDX header")
     shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     if shape[0] == 0:
-        raise PrepError(f"{path}: holds no items (its header declares shape {shape})")
+        raise UserError(f"{path}: holds no items (its header declares shape {shape})")
     expected = header + int(np.prod(shape))
     if len(data) != expected:
-        raise PrepError(
+        raise UserError(
             f"{path}: payload is {len(data) - header} bytes but the header "
             f"declares shape {shape} ({expected - header} bytes)"
         )
@@ -68,7 +70,7 @@ def read_images(path):
     data = read_bytes(path)
     images = parse_idx(data, path, IMAGES_MAGIC)
     if images.shape[1:] != IMAGE_SHAPE:
-        raise PrepError(f"{path}: images are {images.shape[1:]}, expected {IMAGE_SHAPE}")
+        raise UserError(f"{path}: images are {images.shape[1:]}, expected {IMAGE_SHAPE}")
     return images.reshape(len(images), -1), data
 
 
@@ -76,17 +78,8 @@ def read_labels(path):
     """Read an IDX label file; return (uint8 array (N,), decompressed bytes)."""
     data = read_bytes(path)
     labels = parse_idx(data, path, LABELS_MAGIC)
-    check_labels(labels, path)
+    schema.check_labels(labels, path)
     return labels, data
-
-
-def check_labels(labels, path):
-    bad = np.flatnonzero(labels > 9)
-    if bad.size:
-        raise PrepError(
-            f"{path}: label {int(labels[bad[0]])} at index {int(bad[0])} is outside 0-9"
-            f" ({bad.size} bad labels)"
-        )
 
 
 def find_idx(source_dir, name):
@@ -94,4 +87,4 @@ def find_idx(source_dir, name):
     for candidate in (Path(source_dir) / (name + ".gz"), Path(source_dir) / name):
         if candidate.is_file():
             return candidate
-    raise PrepError(f"{source_dir}: no {name}.gz or {name} found")
+    raise UserError(f"{source_dir}: no {name}.gz or {name} found")

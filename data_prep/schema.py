@@ -32,15 +32,23 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from data_prep import PrepError
 from data_prep.files import atomic_write
+from distnn.errors import UserError
 
 SCHEMA_VERSION = 2
 IMAGE_SHAPE = (28, 28)
-PIXELS = 784
+PIXELS = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]  # 784: the input width of every network
 CHUNK_ROWS = 16
 SPLITS = ("train", "test")
 DIGEST = 32  # bytes of a SHA-256
+
+
+def check_labels(labels, where):
+    """UserError naming ``where`` and the first bad row unless every uint8 label is a digit."""
+    bad = np.flatnonzero(labels > 9)
+    if bad.size:
+        raise UserError(f"{where}: label {int(labels[bad[0]])} at index {int(bad[0])} is "
+                        f"outside 0-9 ({bad.size} bad labels)")
 
 
 def row_sha256(images):
@@ -64,7 +72,7 @@ def write(out, arrays, sources):
     for split in SPLITS:
         images, labels = arrays[(split, "images")], arrays[(split, "labels")]
         if len(images) != len(labels):
-            raise PrepError(
+            raise UserError(
                 f"{sources[(split, 'images')][0]}: {len(images)} images but "
                 f"{sources[(split, 'labels')][0]} has {len(labels)} labels"
             )
@@ -92,36 +100,36 @@ def write(out, arrays, sources):
 
 
 def check(path):
-    """Raise PrepError unless ``path`` is a readable schema-2 file; return its sizes."""
+    """Raise UserError unless ``path`` is a readable schema-2 file; return its sizes."""
     path = Path(path)
     if not path.exists():
-        raise PrepError(f"{path}: no such file (prepare it with: python -m data_prep --out {path})")
+        raise UserError(f"{path}: no such file (prepare it with: python -m data_prep --out {path})")
     try:
         with h5py.File(path, "r") as f:
             version = f.attrs.get("schema_version")
             if version != SCHEMA_VERSION:
-                raise PrepError(f"{path}: schema_version is {version}, expected {SCHEMA_VERSION} "
+                raise UserError(f"{path}: schema_version is {version}, expected {SCHEMA_VERSION} "
                                 f"(prepare it again: python -m data_prep --force --out {path})")
             sizes = {}
             for split in SPLITS:
                 images, labels = f.get(f"{split}/images"), f.get(f"{split}/labels")
                 hashes = f.get(f"{split}/image_sha256")
                 if not all(isinstance(d, h5py.Dataset) for d in (images, labels, hashes)):
-                    raise PrepError(f"{path}: missing /{split}/images, /{split}/labels or "
+                    raise UserError(f"{path}: missing /{split}/images, /{split}/labels or "
                                     f"/{split}/image_sha256")
                 if (images.dtype != np.uint8 or labels.dtype != np.uint8
                         or images.ndim != 2 or images.shape[1] != PIXELS
                         or labels.shape != (images.shape[0],)):
-                    raise PrepError(
+                    raise UserError(
                         f"{path}: /{split} has images {images.dtype}{images.shape} and labels "
                         f"{labels.dtype}{labels.shape}, expected uint8 (N, {PIXELS}) and uint8 (N,)"
                     )
                 if hashes.dtype != np.uint8 or hashes.shape != (images.shape[0], DIGEST) \
                         or "sha256" not in labels.attrs:
-                    raise PrepError(f"{path}: /{split} lacks its content hashes "
+                    raise UserError(f"{path}: /{split} lacks its content hashes "
                                     f"(image_sha256 uint8 (N, {DIGEST}), labels attribute sha256)")
                 sizes[split] = images.shape[0]
             return sizes
     except OSError as exc:
-        raise PrepError(f"{path}: not a readable HDF5 file ({exc})") from None
+        raise UserError(f"{path}: not a readable HDF5 file ({exc})") from None
 

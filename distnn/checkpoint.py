@@ -27,6 +27,7 @@ import numpy as np
 from data_prep.files import atomic_write
 from distnn.comm import params_hash
 from distnn.outputs import writing
+from distnn.step import N_STATS
 
 FORMAT = "distnn-checkpoint"
 VERSION = 3
@@ -48,7 +49,7 @@ class TrainState:
     step: int = 0          # steps taken in the whole run
     epoch: int = 1         # the epoch in progress (1-based)
     position: int = 0      # steps of that epoch already taken
-    totals: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(2))  # loss, correct
+    totals: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(N_STATS))  # loss, correct
     seen: int = 0          # samples of that epoch already trained on
     history: list = dataclasses.field(default_factory=list)  # metrics records so far
     elapsed_s: float = 0.0  # seconds of training before this state, over all sessions

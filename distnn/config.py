@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep.schema import PIXELS
 from distnn import activations, losses, schedule
 from distnn.errors import UserError
 
@@ -18,7 +19,7 @@ DTYPES = ("float32", "float64")
 @dataclasses.dataclass
 class Config:
     data: str = DEFAULT_DATA
-    layers: tuple = (784, 256, 10)
+    layers: tuple = (PIXELS, 256, 10)
     activation: str = "sigmoid"
     loss: str = "ce"
     positive_digit: int | None = None  # a digit 0-9: train it against the rest (one output unit)
@@ -212,8 +213,9 @@ def check(config):
                         "--log-every": config.log_every}.items():
         if value < 0:
             raise UserError(f"{flag} must be 0 or more, got {value}")
-    if config.layers[0] != 784:
-        raise UserError(f"--layers: the input width must be 784 (28x28 pixels), got {config.layers[0]}")
+    if config.layers[0] != PIXELS:
+        raise UserError(f"--layers: the input width must be {PIXELS} (28x28 pixels), "
+                        f"got {config.layers[0]}")
     check_task(config)
     if Path(config.data).is_dir():
         raise UserError(f"--data {config.data}: is a directory, expected an HDF5 file")

@@ -21,7 +21,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from data_prep import PrepError, schema
+from data_prep import schema
 from data_prep.files import reason
 from distnn.errors import UserError
 from distnn.rng import Stream
@@ -36,7 +36,7 @@ class Dataset:
         self.path = Path(path)
         try:
             self.file_sizes = schema.check(self.path)
-        except PrepError as exc:
+        except UserError as exc:
             raise UserError(str(exc)) from None
         available = self.file_sizes["train"]
         if available == 0:
@@ -82,7 +82,7 @@ class Dataset:
         if self.stream:
             return None
         union = np.bitwise_or.reduce(self.nonzero_bits[self.rows["train"][positions]], axis=0)
-        return np.flatnonzero(np.unpackbits(union)[:784])
+        return np.flatnonzero(np.unpackbits(union)[:schema.PIXELS])
 
     def get(self, split, positions):
         """uint8 images (n, 784) and int64 labels for positions in a split."""
@@ -93,7 +93,7 @@ class Dataset:
             return self.images[source][file_rows], labels
         order = np.argsort(file_rows, kind="stable")
         ascending = file_rows[order]
-        images = np.empty((len(file_rows), 784), np.uint8)
+        images = np.empty((len(file_rows), schema.PIXELS), np.uint8)
         if len(file_rows):
             images[order] = self._read_rows(source, ascending)
         return images, labels
@@ -102,10 +102,7 @@ class Dataset:
         """All of a split's labels, checked for range and against their SHA-256."""
         dataset = self.file[f"{split}/labels"]
         labels = self._load(split, "labels", len(dataset))
-        bad = np.flatnonzero(labels > 9)
-        if bad.size:
-            raise UserError(f"{self.path}: /{split}/labels row {int(bad[0])} holds label "
-                            f"{int(labels[bad[0]])}, outside 0-9")
+        schema.check_labels(labels, f"{self.path}: /{split}/labels")
         if schema.labels_sha256(labels) != dataset.attrs["sha256"]:
             raise UserError(f"{self.path}: /{split}/labels do not match the SHA-256 data_prep "
                             "recorded for them: the file is damaged")

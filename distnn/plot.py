@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from data_prep.files import atomic_write, reason
-from distnn.errors import cli
+from distnn.errors import UserError, cli
 
 COSTS = (("quadratic_cost", "quadratic cost"), ("cross_entropy", "cross-entropy cost"))
 SPLITS = (("train", "-"), ("val", "--"), ("test", ":"))
@@ -35,16 +35,13 @@ ERROR_FLOOR = 0.01  # percent: where an error of 0 (accuracy 1.0) is drawn on th
 REFERENCE = dict(color="grey", linestyle="--", linewidth=1)
 
 
-class PlotError(Exception):
-    """A user-facing problem; printed as one line."""
-
 
 def need_matplotlib():
-    """pyplot with a file-only backend, or PlotError naming the extra to install."""
+    """pyplot with a file-only backend, or UserError naming the extra to install."""
     try:
         import matplotlib
     except ImportError:
-        raise PlotError("matplotlib is not installed; install the plot extra: "
+        raise UserError("matplotlib is not installed; install the plot extra: "
                         "pip install 'distnn[plot]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -56,16 +53,16 @@ def load_run(folder):
     folder = Path(folder)
     metrics = folder / "metrics.jsonl"
     if not folder.is_dir():
-        raise PlotError(f"{folder}: no such run folder")
+        raise UserError(f"{folder}: no such run folder")
     if not metrics.exists():
-        raise PlotError(f"{folder}: no metrics.jsonl (not a distnn run folder, or no epoch finished)")
+        raise UserError(f"{folder}: no metrics.jsonl (not a distnn run folder, or no epoch finished)")
     try:
         records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
         config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {}
     except json.JSONDecodeError as exc:
-        raise PlotError(f"{folder}: unreadable metrics or config ({exc})") from None
+        raise UserError(f"{folder}: unreadable metrics or config ({exc})") from None
     if not records:
-        raise PlotError(f"{metrics}: holds no epochs yet")
+        raise UserError(f"{metrics}: holds no epochs yet")
     return records, {**config, "ranks": rank_count(folder, records)}
 
 
@@ -113,7 +110,7 @@ def log_ticks(value, _):
 def figure(folders, target=TARGET):
     """The learning-curves Figure of the run folders (see the module docstring)."""
     if not 0 <= target < 1:
-        raise PlotError(f"--target {target:g} is not an accuracy in [0, 1) (0: no target line)")
+        raise UserError(f"--target {target:g} is not an accuracy in [0, 1) (0: no target line)")
     plt = need_matplotlib()
     from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
     runs = [load_run(f) for f in folders]
@@ -193,12 +190,12 @@ def plot(folders, out, target=TARGET):
 
 
 def save_png(fig, path):
-    """Write the figure to ``path`` whole or not at all (PlotError naming it), and close it."""
+    """Write the figure to ``path`` whole or not at all (UserError naming it), and close it."""
     plt = need_matplotlib()
     try:
         atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
     except OSError as exc:
-        raise PlotError(f"cannot write {path}: {reason(exc)}") from None
+        raise UserError(f"cannot write {path}: {reason(exc)}") from None
     finally:
         plt.close(fig)
 
@@ -215,7 +212,7 @@ def main(argv=None):
                         f"(default {TARGET}, i.e. {error_pct(TARGET):g} %% error; 0: none)")
     args = p.parse_args(argv)
     out = args.out or (args.runs[0] / "curves.png" if len(args.runs) == 1 else Path("comparison.png"))
-    return cli("distnn.plot", lambda: f"wrote {plot(args.runs, out, args.target)}", PlotError)
+    return cli("distnn.plot", lambda: f"wrote {plot(args.runs, out, args.target)}", UserError)
 
 
 if __name__ == "__main__":

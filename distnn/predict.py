@@ -24,17 +24,17 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep import PrepError
 from data_prep.csv_source import read_csv_images
+from data_prep.schema import IMAGE_SHAPE, PIXELS
 from distnn import model, outputs
 from distnn.config import DEFAULT_DATA
 from distnn.data import Dataset
 from distnn.errors import OutputError, UserError, cli
-from distnn.plot import PlotError, need_matplotlib, save_png
+from distnn.plot import need_matplotlib, save_png
 from distnn.rng import Stream
 from distnn.step import output_values, task_labels
 
-PIXELS, SIDE = 784, 28
+SIDE = IMAGE_SHAPE[0]
 
 
 def read_pgm(path):
@@ -76,7 +76,7 @@ def read_image(path, invert):
             image = grey(plt.imread(path).astype(np.float64))
     except (OSError, ValueError, IndexError, SyntaxError) as exc:
         raise UserError(f"{path}: cannot read the image ({exc})") from None
-    except PlotError as exc:
+    except UserError as exc:
         raise UserError(f"{path}: {exc}") from None
     if image.shape != (SIDE, SIDE):
         raise UserError(f"{path}: image is {image.shape[1]}x{image.shape[0]} pixels, "
@@ -112,7 +112,7 @@ def load_inputs(args):
     if args.csv:
         try:
             images = read_csv_images(args.csv)[0]
-        except PrepError as exc:
+        except UserError as exc:
             raise UserError(str(exc)) from None
         return images, None, None
     data = Dataset(args.data, stream=True)  # reads (and checks) only the test rows
@@ -254,7 +254,7 @@ def main(argv=None):
     p.add_argument("--no-invert", dest="invert", action="store_const", const="no", default="auto",
                    help="do not invert images with a light background")
     args = p.parse_args(argv)
-    return cli("distnn.predict", lambda: run(args), (UserError, OutputError, PlotError, OSError))
+    return cli("distnn.predict", lambda: run(args), (UserError, OutputError, OSError))
 
 
 if __name__ == "__main__":

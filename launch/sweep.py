@@ -53,15 +53,12 @@ SETTINGS = (
 )
 
 
-class SweepError(Exception):
-    """A user-facing problem; printed as one line."""
-
 
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose mistakes are one-line SweepErrors."""
 
     def error(self, message):
-        raise SweepError(f"{message} (see --help)")
+        raise UserError(f"{message} (see --help)")
 
 
 def listed(kind):
@@ -95,7 +92,7 @@ def make_grid(chosen):
     """(names, points): the swept settings and the cartesian product of their values."""
     names = [name for name, *_ in SETTINGS if chosen.get(name)]
     if not names:
-        raise SweepError("name at least one setting to sweep, e.g. --lr 0.1,1")
+        raise UserError("name at least one setting to sweep, e.g. --lr 0.1,1")
     return names, list(itertools.product(*(chosen[name] for name in names)))
 
 
@@ -108,18 +105,18 @@ def check_grid(names, points, train_args):
             parsed = parser.parse_args(train_flags(names, point) + train_args)
             train_config.from_args(parsed)
         except UserError as exc:
-            raise SweepError(f"{where}: {str(exc).removesuffix(' (see --help)')}") from None
+            raise UserError(f"{where}: {str(exc).removesuffix(' (see --help)')}") from None
         except SystemExit:  # --help after --: it would print help, not train
-            raise SweepError("the arguments after -- ask for help, not a run: see "
+            raise UserError("the arguments after -- ask for help, not a run: see "
                              "python -m distnn.train --help") from None
         for name, value in zip(names, point):  # a repeat after -- would win over the grid's
             if getattr(parsed, name) != SWITCH.get(value, value):
-                raise SweepError(f"{flag(name)} is swept: do not give it after --")
+                raise UserError(f"{flag(name)} is swept: do not give it after --")
 
 
 def write_grid(folder, names, points):
     """The sweep folder: ``task-<i>`` for each point (each element's run folder), then
-    ``grid.tsv``. Nothing is left behind when a write fails (SweepError naming it)."""
+    ``grid.tsv``. Nothing is left behind when a write fails (UserError naming it)."""
     created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -130,7 +127,7 @@ def write_grid(folder, names, points):
         (folder / "grid.tsv").write_text("\n".join(lines) + "\n")
     except OSError as exc:
         remove_grid(folder, len(points), created)
-        raise SweepError(f"cannot write the sweep into {folder}: {reason(exc)}") from None
+        raise UserError(f"cannot write the sweep into {folder}: {reason(exc)}") from None
     return created
 
 
@@ -149,17 +146,17 @@ def remove_grid(folder, n_points, created):
 def submit(args, train_args):
     folder = args.folder.resolve()
     if (folder / "grid.tsv").exists():
-        raise SweepError(f"{folder}: already holds a sweep; choose another folder")
+        raise UserError(f"{folder}: already holds a sweep; choose another folder")
     if folder.exists() and not folder.is_dir():
-        raise SweepError(f"{folder}: is a file, not a folder")
+        raise UserError(f"{folder}: is a file, not a folder")
     if folder.is_dir() and any(folder.iterdir()):
-        raise SweepError(f"{folder}: is not empty; choose a new or empty folder")
+        raise UserError(f"{folder}: is not empty; choose a new or empty folder")
     if args.ntasks < 1:
-        raise SweepError(f"--ntasks must be at least 1, got {args.ntasks}")
+        raise UserError(f"--ntasks must be at least 1, got {args.ntasks}")
     names, points = make_grid(vars(args))
     check_grid(names, points, train_args)
     if shutil.which("sbatch") is None:
-        raise SweepError("sbatch not found: is this a Slurm login node?")
+        raise UserError("sbatch not found: is this a Slurm login node?")
     created = write_grid(folder, names, points)
     env = dict(os.environ, DISTNN_SWEEP=str(folder), DISTNN_HOME=str(HOME),
                DISTNN_PYTHON=os.environ.get("DISTNN_PYTHON", sys.executable))
@@ -171,7 +168,7 @@ def submit(args, train_args):
     if done.returncode != 0:
         if not done.stdout.strip():  # nothing submitted: leave nothing behind
             remove_grid(folder, len(points), created)
-        raise SweepError(f"sbatch failed: {done.stderr.strip()}")
+        raise UserError(f"sbatch failed: {done.stderr.strip()}")
     job = done.stdout.strip().split(";")[0]
     return f"submitted {len(points)} settings as job array {job}; results in {folder}"
 
@@ -179,7 +176,7 @@ def submit(args, train_args):
 def collect(folder):
     grid_file = folder / "grid.tsv"
     if not grid_file.exists():
-        raise SweepError(f"{folder}: no grid.tsv; is this a sweep folder?")
+        raise UserError(f"{folder}: no grid.tsv; is this a sweep folder?")
     header, *lines = grid_file.read_text().splitlines()
     names = header.split("\t")  # task, then the swept settings (lr, batch_size before v2)
     rows = []
@@ -241,7 +238,7 @@ def main(argv=None):
     def action():
         args, train_args = parse_args(argv)
         return submit(args, train_args) if args.command == "submit" else collect(args.folder)
-    return cli("launch.sweep", action, SweepError)
+    return cli("launch.sweep", action, UserError)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ def write_idx_dir(folder, arrays, gz=True):
 
 def expect_error(capsys, argv, *fragments, out=None):
     """Run main(argv); assert exit 1, a one-line message with all fragments, no output left."""
-    assert prep_main([str(a) for a in argv]) == 1
+    assert prep_main([str(a) for a in argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("data_prep: error: ") and err.count("\n") == 1, err
     for fragment in fragments:
@@ -121,7 +121,7 @@ def test_existing_invalid_output_is_refused_without_force(tmp_path, capsys, smal
     source = write_idx_dir(tmp_path / "src", small_mnist)
     out = tmp_path / "mnist.h5"
     out.write_bytes(b"not hdf5")
-    assert prep_main(["--source", str(source), "--out", str(out)]) == 1
+    assert prep_main(["--source", str(source), "--out", str(out)]) == 2
     assert "use --force" in capsys.readouterr().err
     assert out.read_bytes() == b"not hdf5"
     assert prep_main(["--source", str(source), "--out", str(out), "--force"]) == 0

@@ -120,7 +120,7 @@ def test_target_line_on_accuracy_and_error_panels(tmp_path):
     assert "target 0.98" in legend_texts(fig)
     none = panels(plot.figure([run], target=0))
     assert all(line.get_marker() == "." for a in none.values() for line in a.lines)
-    with pytest.raises(plot.PlotError, match=r"--target 1 is not an accuracy in \[0, 1\)"):
+    with pytest.raises(plot.UserError, match=r"--target 1 is not an accuracy in \[0, 1\)"):
         plot.figure([run], target=1.0)
 
 

@@ -218,7 +218,7 @@ def test_labels_outside_range_in_data_file(mnist_h5, tmp_path):
                                "--val-size", "0", "--batch-size", "100",
                                *extra], ranks=2, timeout=60)
         assert result.returncode == 2, result.stderr
-        assert "/train/labels row 17 holds label 12, outside 0-9" in result.stderr
+        assert "/train/labels: label 12 at index 17 is outside 0-9" in result.stderr
     with h5py.File(mnist_h5, "r") as f:
         label = int(f["train/labels"][17])
     with h5py.File(bad, "a") as f:  # another digit: in range, but not the recorded content

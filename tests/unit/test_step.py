@@ -1,0 +1,70 @@
+"""distnn.step in one process: a step's bits do not depend on the order of its rows,
+skipped pixel columns are exactly untouched, and a step is its gradient plus the update."""
+
+import numpy as np
+import pytest
+
+from distnn import model, optim
+from distnn.config import Config
+from distnn.exact import ExactGradients
+from distnn.step import N_STATS, gradients, output_values, train_step
+
+CFG = Config(layers=(784, 12, 10), dtype="float32", momentum=0.9, nesterov=True,
+             weight_decay=1e-3)
+
+
+def batch(seed=0, rows=24):
+    rng = np.random.default_rng(seed)
+    pixels = np.where(rng.random((rows, 784)) < 0.2, rng.integers(1, 256, (rows, 784)), 0)
+    pixels[:, :100] = 0  # columns empty in every row: skipped by the step
+    labels = rng.integers(0, 10, rows)
+    return pixels.astype(np.uint8), model.targets_for(labels, rows, 10, np.float32)
+
+
+def params():
+    return model.init_params(CFG.layers, 0, CFG.activation, np.float32)
+
+
+def step_gradients(pixels, T, p=None):
+    columns = np.flatnonzero(pixels.any(axis=0))
+    reducer = ExactGradients(CFG.layers, N_STATS, dtype=np.float32)
+    return gradients(p or params(), CFG, pixels, T, columns, reducer, len(pixels))
+
+
+def test_gradients_do_not_depend_on_the_order_of_the_rows():
+    pixels, T = batch()
+    grads, stats = step_gradients(pixels, T)
+    order = np.random.default_rng(1).permutation(len(pixels))
+    grads2, stats2 = step_gradients(pixels[order], T[order])
+    for (gW, gb), (gW2, gb2) in zip(grads, grads2):
+        assert gW.dtype == np.float32 and np.array_equal(gW, gW2) and np.array_equal(gb, gb2)
+    assert np.array_equal(stats, stats2) and stats[1] <= len(pixels)
+
+
+def test_empty_pixel_columns_have_exactly_zero_gradient():
+    pixels, T = batch()
+    (gW0, _), _ = step_gradients(pixels, T)[0]
+    assert not gW0[:100].any() and gW0[100:].any()
+
+
+def test_a_step_is_its_gradient_then_the_update():
+    pixels, T = batch(2)
+    p, q = params(), params()
+    vp, vq = optim.zero_velocity(p, CFG.momentum), optim.zero_velocity(q, CFG.momentum)
+    columns = np.flatnonzero(pixels.any(axis=0))
+    reducer = ExactGradients(CFG.layers, N_STATS, dtype=np.float32)
+    for rate in (0.1, 0.3):
+        train_step(p, vp, rate, CFG, pixels, T, columns, reducer, len(pixels))
+        grads, _ = step_gradients(pixels, T, q)
+        optim.update(q, grads, vq, rate, CFG.momentum, CFG.nesterov, CFG.weight_decay)
+    for (W, b), (W2, b2) in zip(p + vp, q + vq):
+        assert np.array_equal(W, W2) and np.array_equal(b, b2)
+
+
+@pytest.mark.parametrize("rows", [1, 7])
+def test_a_rows_outputs_do_not_depend_on_the_rows_beside_it(rows):
+    pixels, _ = batch(3, rows=20)
+    together = output_values(params(), pixels, CFG.activation, CFG.loss)
+    for i in range(0, 20, rows):
+        alone = output_values(params(), pixels[i:i + rows], CFG.activation, CFG.loss)
+        assert np.array_equal(alone, together[i:i + rows])
