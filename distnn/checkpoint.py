@@ -25,7 +25,7 @@ import h5py
 import numpy as np
 
 from data_prep.files import atomic_write
-from distnn.comm import params_hash
+from distnn.parallel import params_hash
 from distnn.outputs import writing
 from distnn.step import N_STATS
 

@@ -2,7 +2,7 @@
 
 The trainer runs the checks that can fail on one rank alone (preparing the
 data, the initial parameters, the checkpoint to resume) inside
-:func:`distnn.comm.agree`, so a problem found on any rank (a missing file, a
+:func:`distnn.parallel.agree`, so a problem found on any rank (a missing file, a
 mismatched setting) stops every rank with the same one-line error instead of
 leaving some waiting in a collective call; the others are collective
 themselves (``check_same_settings``, ``share_state``) or print only.

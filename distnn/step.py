@@ -12,7 +12,7 @@ import numpy as np
 from mpi4py import MPI
 
 from distnn import losses, model, optim
-from distnn.comm import agree
+from distnn.parallel import agree
 
 EVAL_CHUNK = 2000  # rows evaluated at once: bounds memory; changes no bit
 N_STATS = 2        # per training row: loss, correct

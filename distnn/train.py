@@ -23,9 +23,7 @@ import numpy as np
 from mpi4py import MPI
 from threadpoolctl import threadpool_limits
 
-from distnn import checkpoint, numerics, optim, outputs, rundir, startup
-from distnn import comm as dcomm
-from distnn import config as dconfig
+from distnn import checkpoint, config, numerics, optim, outputs, parallel, rundir, startup
 from distnn.data import Dataset
 from distnn.errors import Diverged, OutputError, Stopped, UserError
 from distnn.exact import ExactGradients, ExactSum, NonFiniteError
@@ -92,7 +90,7 @@ def log_line(record, cfg):
 def on_rank0(comm, fn, *args):
     """``fn(*args)`` on rank 0 (its writes), agreed: when it fails (an OutputError for a
     file that cannot be written), every rank ends with its error. Returns rank 0's result."""
-    return comm.bcast(dcomm.agree(comm, lambda: fn(*args) if comm.rank == 0 else None), root=0)
+    return comm.bcast(parallel.agree(comm, lambda: fn(*args) if comm.rank == 0 else None), root=0)
 
 
 def run(cfg, comm=MPI.COMM_SELF, stop=None):
@@ -104,14 +102,14 @@ def run(cfg, comm=MPI.COMM_SELF, stop=None):
     the step in which any rank received SIGTERM or SIGUSR1.
     """
     numerics.check(comm)  # every rank computes the reference bits, or none starts
-    dcomm.agree(comm, startup.prepare_default_data, cfg, comm)
-    data = dcomm.agree(comm, Dataset, cfg.data, cfg.train_limit, cfg.val_size, cfg.seed, cfg.stream)
+    parallel.agree(comm, startup.prepare_default_data, cfg, comm)
+    data = parallel.agree(comm, Dataset, cfg.data, cfg.train_limit, cfg.val_size, cfg.seed, cfg.stream)
     try:
         startup.check_same_settings(comm, cfg, data.fingerprint)
         if comm.rank == 0:
             startup.note_train_limit(cfg, data)
-        params = dcomm.agree(comm, startup.initial_params, cfg)
-        folder = dcomm.agree(comm, lambda: rundir.claim(cfg.out, cfg.resume) if comm.rank == 0
+        params = parallel.agree(comm, startup.initial_params, cfg)
+        folder = parallel.agree(comm, lambda: rundir.claim(cfg.out, cfg.resume) if comm.rank == 0
                              else None)
         cfg.out = comm.bcast(str(folder.path) if folder else None, root=0)
         try:
@@ -126,15 +124,12 @@ def run(cfg, comm=MPI.COMM_SELF, stop=None):
 def train(cfg, comm, data, params, folder, stop):
     """The run itself, in the claimed ``folder`` (rank 0's; None on the others)."""
     try:
-        resumed = dcomm.agree(comm, startup.resume_state, cfg, data.fingerprint, comm)
-        initial = [(W.copy(), b.copy()) for W, b in params]  # share_state may overwrite params
+        resumed = parallel.agree(comm, startup.resume_state, cfg, data.fingerprint, comm)
         state = startup.share_state(comm, resumed, params,
                                     optim.zero_velocity(params, cfg.momentum))
         eval_reducer = ExactSum([N_EVAL_STATS], comm)
-        if not state.history or state.history[0]["epoch"] != 0:
-            # the baseline, epoch 0: for a fresh run, or a checkpoint written before runs had one
-            state.history.insert(0, initial_record(startup.shared(comm, initial), cfg, data, comm,
-                                                   eval_reducer))
+        if not state.history:  # a fresh run: the baseline, epoch 0
+            state.history.append(initial_record(state.params, cfg, data, comm, eval_reducer))
         out, config_json = Path(cfg.out), cfg.to_json()
         metrics_log = outputs.MetricsLog(out / "metrics.jsonl")
         on_rank0(comm, lambda: (metrics_log.rewrite(state.history),
@@ -225,7 +220,7 @@ def train_steps(cfg, comm, data, state, metrics_log, config_json, eval_reducer, 
         check_finite(state)
         if not finished:
             save_checkpoint()  # stopped by --max-steps inside an epoch: resumable from here
-        dcomm.check_replicas(comm, state.params + state.velocity, f"after step {state.step}")
+        parallel.check_replicas(comm, state.params + state.velocity, f"after step {state.step}")
         record = epoch_record(state, cfg, data, comm, eval_reducer, timers, seconds,
                               state.seen - seen_before, rate)
         record["elapsed_s"] = elapsed()
@@ -247,7 +242,7 @@ def train_steps(cfg, comm, data, state, metrics_log, config_json, eval_reducer, 
         record["elapsed_s"] = state.elapsed_s
         on_rank0(comm, metrics_log.append, record)
     summary = {"world_size": size, "steps": state.step, "epochs": record["epoch"],
-               "params_sha256": dcomm.params_digest(state.params),
+               "params_sha256": parallel.params_digest(state.params),
                "train_loss": record["train_loss"], "val_acc": record.get("val_acc"),
                "test_acc": record.get("test_acc"),
                "samples_per_s": trained / train_seconds if trained else record.get("samples_per_s"),
@@ -264,20 +259,20 @@ def parse(argv, comm):
     Only rank 0 prints --help. Ranks launched with different flags (e.g. an
     MPMD ``mpirun ... : ...``) agree on the outcome instead of hanging.
     """
-    parser = dconfig.build_parser()
+    parser = config.build_parser()
     try:
         if comm.rank == 0:
             args = parser.parse_args(argv)
         else:
             with open(os.devnull, "w") as null, redirect_stdout(null), redirect_stderr(null):
                 args = parser.parse_args(argv)
-        outcome = dconfig.from_args(args)
+        outcome = config.from_args(args)
     except UserError as exc:
         outcome = str(exc)
     except SystemExit as exc:  # --help
         outcome = exc.code or 0
-    outcomes = comm.allgather(outcome if not isinstance(outcome, dconfig.Config) else None)
-    dcomm.raise_agreed([("UserError", o) if isinstance(o, str) else None for o in outcomes])
+    outcomes = comm.allgather(outcome if not isinstance(outcome, config.Config) else None)
+    parallel.raise_agreed([("UserError", o) if isinstance(o, str) else None for o in outcomes])
     if any(isinstance(o, int) for o in outcomes):
         raise SystemExit(0)
     return outcome
@@ -297,7 +292,7 @@ def main(argv=None):
             print(f"{PROG}: done: {acc}params_sha256 {summary['params_sha256']}  -> {cfg.out}",
                   flush=True)
 
-    dcomm.finish(comm, PROG, dcomm.run_or_abort(comm, PROG, go), stop)
+    parallel.finish(comm, PROG, parallel.run_or_abort(comm, PROG, go), stop)
 
 
 if __name__ == "__main__":

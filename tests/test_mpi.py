@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from distnn import train
-from distnn.comm import params_digest
+from distnn.parallel import params_digest
 from distnn.config import Config
 from distnn.exact import ExactGradients, ExactSum, NonFiniteError
 

@@ -225,25 +225,6 @@ def test_resume_mid_warmup_and_mid_decay_on_other_rank_counts(mnist_h5, tmp_path
     assert len(set(rates)) == 3 and 0 < rates[-1] < rates[0] <= 0.5
 
 
-def test_resume_from_a_checkpoint_without_the_epoch_0_record(mnist_h5, tmp_path):
-    """Checkpoints written before runs recorded epoch 0: the resumed run adds it back."""
-    args = ["--data", mnist_h5, "--out", tmp_path / "run", "--train-limit", "600",
-            "--val-size", "100", "--batch-size", "50", "--epochs", "2", "--layers", "784,8,10"]
-    whole = launch_train([*args[:3], tmp_path / "whole", *args[4:]])
-    assert whole.returncode == 0, whole.stderr
-    stopped = launch_train([*args, "--max-steps", "14"], ranks=2)
-    assert stopped.returncode == 0, stopped.stderr
-    folder = tmp_path / "run" / "checkpoints"
-    path, state, config_json, data = checkpoint.load_latest(folder, print)
-    assert state.history[0]["epoch"] == 0
-    del state.history[0]
-    shutil.rmtree(folder)
-    checkpoint.save(folder, state, config_json, data, keep=1)
-    resumed = launch_train([*args, "--resume"], ranks=3)
-    assert resumed.returncode == 0, resumed.stderr
-    assert run_result(tmp_path / "run") == run_result(tmp_path / "whole")
-
-
 def test_resume_removes_what_a_killed_run_left_half_written(mnist_h5, tmp_path):
     """A run killed while writing leaves temporary files; the next run in the folder removes
     them (its lock shows no other run is writing there)."""

@@ -177,7 +177,7 @@ def test_a_rank_whose_peer_is_lost_at_the_end_leaves_in_bounded_time():
     """srun (without --wait) does not end the job when a rank dies: the survivor must not
     wait for it forever in MPI finalisation."""
     need_slurm()
-    from distnn.comm import FINISH_WAIT_S
+    from distnn.parallel import FINISH_WAIT_S
     started = time.monotonic()
     result = subprocess.run(["srun", "-n", "2", "--mpi=pmi2", sys.executable,
                              str(ROOT / "tests" / "helpers" / "lost_peer_at_finish.py")],

@@ -1,5 +1,5 @@
 """A rank lost just as a run ends: rank 1 is killed after the last collective, and rank 0,
-ending with ``distnn.comm.finish``, must leave within its bound instead of waiting for it
+ending with ``distnn.parallel.finish``, must leave within its bound instead of waiting for it
 in MPI finalisation. Run under a launcher that does not end the job when a rank dies
 (srun without --wait)."""
 
@@ -12,10 +12,10 @@ REQUEST.install()
 
 from mpi4py import MPI  # noqa: E402  (after the handlers, as distnn.train does)
 
-from distnn import comm as dcomm  # noqa: E402
+from distnn import parallel  # noqa: E402
 
 world = MPI.COMM_WORLD
 world.Barrier()
 if world.rank == 1:
     os.kill(os.getpid(), signal.SIGKILL)
-dcomm.finish(world, "lost-peer", 0, REQUEST)
+parallel.finish(world, "lost-peer", 0, REQUEST)
