@@ -29,7 +29,7 @@ need_root() {
 node_names() {  # the nodes that exist now, in order
     local ns
     for ns in /run/netns/distnn-node*; do
-        [ -e "$ns" ] && echo "${ns#/run/netns/distnn-}"
+        if [ -e "$ns" ]; then echo "${ns#/run/netns/distnn-}"; fi
     done | sort -V
 }
 

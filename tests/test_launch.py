@@ -180,3 +180,12 @@ def test_a_sweep_not_submitted_leaves_nothing_behind(tmp_path, monkeypatch):
         result = sweep_cli("submit", folder, "--lr", "0.1", "--", "--epochs", "1")
         assert result.returncode == 2 and message in error_line(result)
     assert (tmp_path / "file").read_text() == "x" and not (tmp_path / "used" / "grid.tsv").exists()
+
+
+def test_nodes_status_answers_with_or_without_nodes():
+    """launch/nodes.sh status needs no root and always says what is there."""
+    done = subprocess.run(["bash", str(ROOT / "launch" / "nodes.sh"), "status"],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines == ["nodes.sh: no simulated nodes"] or lines[0].startswith("bridge distnn-br0")
