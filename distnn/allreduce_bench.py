@@ -111,6 +111,15 @@ def mpirun():
     return str(here) if here.exists() else "mpirun"
 
 
+def on_nodes(hosts=None):
+    """The mpirun command prefix that starts ranks on launch/nodes.sh's simulated nodes
+    (``hosts``: hydra's ``node1:2,node2:2``; None when MPMD blocks fill the hostfile's
+    order instead), through launch/node-exec in place of ssh."""
+    command = [mpirun(), "-launcher", "ssh", "-launcher-exec", str(ROOT / "launch" / "node-exec"),
+               "-localhost", (NODES_STATE / "host-address").read_text().strip()]
+    return command + (["-hosts", hosts] if hosts else [])
+
+
 def nodes_up():
     """The first two simulated nodes' names if launch/nodes.sh has them up, else None."""
     try:
@@ -130,15 +139,11 @@ WHERE = {"shm": "one host, MPICH's and UCX's defaults",
 def launch(route, count, small, calls, warmup, tmp, nodes=None):
     """One 2-rank measurement over ``route`` (shm, nodes or loopback); its result dict."""
     env = {k: v for k, v in os.environ.items() if k not in ("UCX_TLS", "MPIR_CVAR_NOLOCAL")}
-    command = [mpirun()]
+    command = on_nodes(",".join(f"{n}:1" for n in nodes)) if route == "nodes" else [mpirun()]
     if route != "shm":
         env["UCX_TLS"] = "tcp,self"
     if route == "loopback":  # else MPICH's own shared memory carries ranks on one host
         env["MPIR_CVAR_NOLOCAL"] = "1"
-    if route == "nodes":
-        command += ["-launcher", "ssh", "-launcher-exec", str(ROOT / "launch" / "node-exec"),
-                    "-localhost", (NODES_STATE / "host-address").read_text().strip(),
-                    "-hosts", ",".join(f"{n}:1" for n in nodes)]
     out = Path(tmp) / f"allreduce-{route}.json"
     out.unlink(missing_ok=True)
     command += ["-n", "2", sys.executable, "-m", "distnn.allreduce_bench", "--result", str(out),

@@ -338,10 +338,9 @@ def worker(args):
 
 def run_worker(args, ranks, repeats, stream=False, independent=False):
     """Launch this module under ``mpirun -n ranks``; return its result dict."""
-    mpirun = Path(sys.executable).parent / "mpirun"
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        command = [str(mpirun) if mpirun.exists() else "mpirun", "-n", str(ranks), sys.executable,
+        command = [allreduce_bench.mpirun(), "-n", str(ranks), sys.executable,
                    "-m", "distnn.bench", "--worker", "--result", str(out), "--data", args.data,
                    "--layers", args.layers, "--batch-size", str(args.batch_size),
                    "--dtype", args.dtype,

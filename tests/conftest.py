@@ -16,6 +16,9 @@ from pathlib import Path
 import h5py
 import pytest
 
+from distnn import allreduce_bench
+from distnn.allreduce_bench import NODES_STATE
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -269,7 +272,6 @@ def need_root(why):
 # -- Simulated nodes -----------------------------------------------------------------
 
 NODES = ROOT / "launch" / "nodes.sh"
-NODES_STATE = Path("/run/distnn-nodes")
 
 
 def nodes_problem():
@@ -309,7 +311,4 @@ def node_mpirun(hosts=None, *, tcp=True):
     """The mpirun command that starts ranks on simulated nodes (``hosts``: hydra's
     ``node1:2,node2:2``, or None when each MPMD block names its -host), ranks talking
     over TCP only when ``tcp``."""
-    command = [find_mpirun(), "-launcher", "ssh", "-launcher-exec", str(ROOT / "launch" / "node-exec"),
-               "-localhost", (NODES_STATE / "host-address").read_text().strip()]
-    command += ["-hosts", hosts] if hosts else []
-    return (["env", "UCX_TLS=tcp,self"] if tcp else []) + command
+    return (["env", "UCX_TLS=tcp,self"] if tcp else []) + allreduce_bench.on_nodes(hosts)
