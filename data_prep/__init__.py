@@ -1,4 +1,4 @@
-"""Prepare MNIST (IDX or CSV) into distnn's HDF5 file, schema version 1.
+"""Prepare MNIST (IDX or CSV) into distnn's HDF5 file, schema version 2 (:mod:`data_prep.schema`).
 
 The four canonical MNIST IDX files are bundled in ``data_prep/mnist`` so a
 fresh machine (or a compute node without internet) can prepare the data

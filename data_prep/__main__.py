@@ -1,4 +1,4 @@
-"""``python -m data_prep``: write MNIST into distnn's HDF5 file (schema 1).
+"""``python -m data_prep``: write MNIST into distnn's HDF5 file (schema 2).
 
 Sources, in order of precedence: CSV files (--train-x/--train-y/--test-x/--test-y),
 --download from mirrors, --source DIR of IDX files, else the bundled MNIST.

@@ -32,8 +32,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from data_prep.files import atomic_write
 from distnn.errors import UserError
+from distnn.files import atomic_write
 
 SCHEMA_VERSION = 2
 IMAGE_SHAPE = (28, 28)

@@ -7,13 +7,13 @@ For one configuration (default 784-256-10 sigmoid/softmax, batch 256, float32) i
   2 x weights for the weight gradients, 2 x the weights past the first layer
   for the deltas);
 - a plain numpy loop of the same network in one process (BLAS products,
-  numpy's tanh and exp, numpy's sums: :func:`plain_gradients`, then the same
-  update as training, :func:`distnn.optim.update`), whose bits depend
+  numpy's tanh and exp, numpy's sums, then the same update as training,
+  :func:`distnn.optim.update`; :mod:`distnn.bench_loops`), whose bits depend
   on the machine: the in-run reference for the cost of fixed bits;
 - exact training with the trainer's own per-step code under ``mpirun -n P`` for
   each rank count (it launches itself), ranks above the core count marked as
-  oversubscribed: samples/s, per-step milliseconds in data loading, compute
-  and reduction (agreeing on grids, rounding and the Allreduce calls), the
+  oversubscribed: samples/s, per-step milliseconds in the step timer's phases
+  (:mod:`distnn.timing`, as the trainer's metrics: data, compute, comm), the
   bytes each rank contributes to the Allreduce calls per step, and the peak
   resident memory per rank, with the data set in memory and with ``--stream``;
 - the ceiling without communication: independent processes, as many as the
@@ -48,20 +48,23 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 from mpi4py import MPI
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from distnn import model, optim
 from distnn import allreduce_bench
 from distnn import scaling as netmodel
+from distnn.bench_loops import (NoNetwork, batch_rows, exact_step_loop, gemm_rate,
+                                plain_step_loop, window_seconds)
 from distnn.config import DEFAULT_DATA, Config
 from distnn.data import Dataset
 from distnn.exact import ExactGradients
-from distnn.step import N_STATS, BatchColumns, local_share, train_step
+from distnn.parallel import SignalAgreement
+from distnn.step import N_STATS
+
+SIGNAL_BYTES = SignalAgreement(MPI.COMM_SELF).agreed.nbytes  # the stop signal's Allreduce
 
 
 def parse_args(argv=None):
@@ -118,143 +121,10 @@ def config_of(args):
                   batch_size=args.batch_size, dtype=args.dtype)
 
 
-def median_of(fn, repeats):
-    """Median of ``repeats`` calls of ``fn`` (seconds) after one warm-up call."""
-    fn()
-    return statistics.median(fn() for _ in range(repeats))
-
-
-def window_seconds(fn, repeats):
-    """All window times of ``repeats`` calls of ``fn`` (each returns a list) after a warm-up."""
-    fn()
-    return [w for _ in range(repeats) for w in fn()]
-
-
-def batch_rows(data, cfg, steps):
-    """The training positions of the first ``steps`` batches of a shuffled epoch."""
-    order = data.epoch_order(1, cfg.seed, True)
-    return [order[(s * cfg.batch_size) % (len(order) - cfg.batch_size):][:cfg.batch_size]
-            for s in range(steps)]
-
-
-def gemm_rate(dtype, rows, fan_in, fan_out, repeats):
-    """GFLOP/s of one (rows x fan_in) @ (fan_in x fan_out) product in ``dtype``."""
-    rng = np.random.default_rng(0)
-    a = rng.random((rows, fan_in)).astype(dtype)
-    b = rng.random((fan_in, fan_out)).astype(dtype)
-
-    def once():
-        start = time.perf_counter()
-        for _ in range(20):
-            a @ b
-        return (time.perf_counter() - start) / 20
-    return 2 * rows * fan_in * fan_out / median_of(once, repeats) / 1e9
-
-
-def plain_gradients(params, X, T):
-    """The mean gradient of the sigmoid/softmax network in ordinary numpy: BLAS products,
-    numpy's tanh and exp and numpy's sums, in the parameters' dtype."""
-    half = X.dtype.type(0.5)
-    acts = [X]
-    for W, b in params[:-1]:
-        acts.append(half * (1 + np.tanh(half * (acts[-1] @ W + b))))
-    z = acts[-1] @ params[-1][0] + params[-1][1]
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    delta = (e / e.sum(axis=1, keepdims=True) - T) / X.dtype.type(len(X))
-    grads = []
-    for layer in range(len(params) - 1, -1, -1):
-        grads.insert(0, (acts[layer].T @ delta, delta.sum(axis=0)))
-        if layer:
-            delta = (delta @ params[layer][0].T) * acts[layer] * (1 - acts[layer])
-    return grads
-
-
-def plain_step_loop(cfg, data, rows, window):
-    """A timer for the plain numpy loop (one process); each call returns the seconds
-    of every ``window`` steps."""
-    batches = [data.get("train", r) for r in rows]
-
-    def once():
-        params = model.init_params(cfg.layers, cfg.seed, cfg.activation, cfg.np_dtype)
-        velocity = optim.zero_velocity(params, cfg.momentum)
-        windows, start = [], time.perf_counter()
-        for i, (images, labels) in enumerate(batches):
-            X = images.astype(cfg.np_dtype) / cfg.np_dtype(255)
-            T = np.eye(cfg.layers[-1], dtype=cfg.np_dtype)[labels]
-            optim.update(params, plain_gradients(params, X, T), velocity, cfg.lr, cfg.momentum,
-                         cfg.nesterov, cfg.weight_decay)
-            if (i + 1) % window == 0:
-                windows.append(time.perf_counter() - start)
-                start = time.perf_counter()
-        return windows
-    return once
-
-
-def exact_step_loop(cfg, data, rows, comm, phases, window):
-    """A timer for exact training with the trainer's per-step code on ``comm``.
-
-    Each call returns the seconds of every ``window`` steps (as rank 0 sees them;
-    every step ends in an Allreduce, so the ranks keep pace) and appends its
-    per-step milliseconds in data loading, compute and reduction to ``phases``.
-    """
-    reducer = ExactGradients(cfg.layers, N_STATS, comm, dtype=cfg.np_dtype)
-    columns = BatchColumns(cfg.layers[0], comm)
-
-    sent = []
-
-    def once():
-        params = model.init_params(cfg.layers, cfg.seed, cfg.activation, cfg.np_dtype)
-        velocity = optim.zero_velocity(params, cfg.momentum)
-        spent = dict(data=0.0, compute=0.0, reduction=0.0)
-        windows = []
-        comm.Barrier()
-        start = time.perf_counter()
-        for i, batch in enumerate(rows):
-            t0 = time.perf_counter()
-            pixels, T = local_share(data, batch, cfg, comm)
-            t1 = time.perf_counter()
-            used = columns(data, batch, pixels)
-            t2 = time.perf_counter()
-            params, _ = train_step(params, velocity, cfg.lr, cfg, pixels, T, used, reducer,
-                                   cfg.batch_size)
-            t3 = time.perf_counter()
-            s = reducer.seconds
-            reduction = (t2 - t1) + s["agree"] + s["round"] + s["allreduce"]
-            spent["data"] += t1 - t0
-            spent["reduction"] += reduction
-            spent["compute"] += (t3 - t1) - reduction
-            sent.append(reducer.sent_bytes + reducer.agree.local.nbytes
-                        + (columns.local.nbytes if data.stream else 0))
-            if (i + 1) % window == 0:
-                windows.append(time.perf_counter() - start)
-                start = time.perf_counter()
-        comm.Barrier()
-        phases.append({k: 1e3 * v / len(rows) for k, v in spent.items()})
-        return windows
-    return once, sent
-
-
-class NoNetwork:
-    """Rank 0 of ``size`` ranks whose Allreduce calls cost nothing (they return this rank's
-    own values): exact_step_loop on it times the local work of one rank's share of each
-    batch at that rank count, in this process."""
-
-    rank = 0
-
-    def __init__(self, size):
-        self.size = size
-
-    def Barrier(self):
-        pass
-
-    def Allreduce(self, sendbuf, recvbuf, op=None):
-        if sendbuf is not MPI.IN_PLACE:
-            recvbuf[...] = sendbuf
-
-
 def batch_messages(args, cfg, data, measured):
     """The step's Allreduce calls at global batch B as (count, item bytes): the grid
-    agreement's int64s, then the gradient buffer's float64s, which has one row of the
+    agreement's int64s, the gradient buffer's float64s, then the stop signal's int64.
+    The gradient buffer has one row of the
     first weight gradient per pixel column used in the batch (the median over batches of
     B rows). ``measured``: the gradient count measured at the configured batch."""
     reducer = ExactGradients(cfg.layers, N_STATS)
@@ -266,8 +136,8 @@ def batch_messages(args, cfg, data, measured):
             rows = ([np.arange(n_train)] if batch >= n_train else
                     batch_rows(data, dataclasses.replace(cfg, batch_size=batch), min(args.steps, 20)))
             counts[batch] = int(statistics.median(
-                reducer.offsets[-1] + len(data.nonzero_columns(r)) * cfg.layers[1] for r in rows))
-        return [(small, 8), (counts[batch], 8)]
+                reducer.first_start + len(data.nonzero_columns(r)) * cfg.layers[1] for r in rows))
+        return [(small, 8), (counts[batch], 8), (1, SIGNAL_BYTES)]
     return messages
 
 
@@ -402,7 +272,7 @@ def markdown(report):
              f"samples/s, exact {report['exact_samples_per_s']:,.0f} samples/s: "
              f"**{report['exact_vs_plain']:.2f}x** the plain loop.",
              "", "| ranks | data | samples/s | vs 1 rank | of bound | data ms | compute ms "
-             "| reduction ms | Allreduce bytes/step | peak RSS/rank |",
+             "| comm ms | Allreduce bytes/step | peak RSS/rank |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     base = next((r["samples_per_s"] for r in report["runs"] if r["ranks"] == 1 and not r["stream"]),
                 float("nan"))  # "vs 1 rank" needs a 1-rank run
@@ -414,7 +284,7 @@ def markdown(report):
             f"| {r['ranks']}{over} | {'stream' if r['stream'] else 'memory'} | "
             f"{r['samples_per_s']:,.0f} | {r['samples_per_s'] / base:.2f} | "
             f"{r['samples_per_s'] / bound:.0%} | {r['data_ms']:.2f} | {r['compute_ms']:.2f} | "
-            f"{r['reduction_ms']:.2f} | {r['allreduce_bytes_per_step']:,} | {r['peak_rss_mb']:.0f} MB |")
+            f"{r['comm_ms']:.2f} | {r['allreduce_bytes_per_step']:,} | {r['peak_rss_mb']:.0f} MB |")
     return ("\n".join(lines) + "\n"
             + netmodel.markdown(report["allreduce"], report["model"], cfg["batch_size"]))
 
@@ -450,7 +320,7 @@ def main(argv=None):
                 **{p: 1e3 * statistics.median(w for _, _, s in rounds for w in s[p]) / window
                    for p in model_ranks}}
     agree = ExactGradients(cfg.layers, N_STATS).agree.local
-    grad_count = (statistics.median_low(sent) - agree.nbytes) // 8
+    grad_count = (statistics.median_low(sent) - agree.nbytes - SIGNAL_BYTES) // 8
     messages = batch_messages(args, cfg, data, grad_count)
     samples = window * cfg.batch_size
     report = {"config": {k: getattr(args, k) for k in ("layers", "batch_size", "dtype", "steps", "repeats")},

@@ -106,12 +106,23 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser():
+    """distnn.train's parser, its defaults those of Config."""
     d = Config()
     p = Parser(
         prog="python -m distnn.train",
         description="Train an MLP with synchronous data-parallel SGD over MPI ranks; "
                     "the result is bit-identical for any number of ranks and on any machine "
                     "(any BLAS, CPU or supported numpy version, given IEEE-754 arithmetic).")
+    _task_flags(p, d)
+    _optimizer_flags(p, d)
+    _training_flags(p, d)
+    _data_flags(p, d)
+    _run_flags(p, d)
+    return p
+
+
+def _task_flags(p, d):
+    """The data file, the network and its loss: what is trained on what."""
     p.add_argument("--data", default=d.data,
                    help=f"prepared HDF5 file (default {d.data}, prepared from the bundled MNIST if missing)")
     p.add_argument("--layers", type=_layers, default=d.layers,
@@ -126,6 +137,10 @@ def build_parser():
                    help="train one digit against the rest: target 1 for digit D (0-9), 0 for "
                         "every other digit, one sigmoid output (--layers 784,1 or 784,64,1) "
                         "with --loss bce (or mse)")
+
+
+def _optimizer_flags(p, d):
+    """The batch, the SGD update and the learning-rate schedule."""
     p.add_argument("--batch-size", type=int, default=d.batch_size,
                    help=f"global mini-batch size, split across all ranks (default {d.batch_size})")
     p.add_argument("--lr", type=float, default=d.lr,
@@ -151,6 +166,10 @@ def build_parser():
                         "(fractions allowed)")
     p.add_argument("--decay-factor", type=float, default=d.decay_factor, metavar="GAMMA",
                    help=f"--schedule step: the factor, 0 < GAMMA <= 1 (default {d.decay_factor})")
+
+
+def _training_flags(p, d):
+    """How long to train, the seed and the precision."""
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"epochs (default {d.epochs})")
     p.add_argument("--max-steps", type=int, default=d.max_steps,
                    help="stop after this many steps in total (default 0: no limit)")
@@ -158,6 +177,10 @@ def build_parser():
                    help="seed for initialisation, validation split and shuffling (default 0)")
     p.add_argument("--dtype", default=d.dtype, choices=list(DTYPES),
                    help="parameter and compute precision (default float32)")
+
+
+def _data_flags(p, d):
+    """Which training rows are used, in what order, and how they are read."""
     p.add_argument("--val-size", type=int, default=d.val_size,
                    help=f"training images held out for validation, seeded (default {d.val_size}; 0 allowed)")
     p.add_argument("--train-limit", type=int, default=d.train_limit,
@@ -167,6 +190,10 @@ def build_parser():
     p.add_argument("--stream", action="store_true",
                    help="read each rank's rows from the file every step instead of holding "
                         "the data set in memory")
+
+
+def _run_flags(p, d):
+    """The run's starting point, output folder, checkpoints, progress lines and resumption."""
     p.add_argument("--init", default=d.init,
                    help="start from the parameters in this model.h5 instead of a random init")
     p.add_argument("--out", default=d.out,
@@ -184,7 +211,6 @@ def build_parser():
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its newest valid checkpoint "
                         "(starts afresh if it has none)")
-    return p
 
 
 def from_args(args):

@@ -22,9 +22,9 @@ import h5py
 import numpy as np
 
 from data_prep import schema
-from data_prep.files import reason
 from distnn.errors import UserError
 from distnn.rng import Stream
+from distnn.files import reason
 
 READ_ROWS = 4096  # rows per read when loading into memory
 

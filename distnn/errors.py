@@ -9,6 +9,13 @@ error); 75 stopped by SIGTERM/SIGUSR1 after writing a checkpoint (resume with
 
 import sys
 
+TRAIN = "distnn.train"  # the trainer's name in its messages
+
+
+def warn(message, prog=TRAIN):
+    """One warning line on stderr: the run goes on."""
+    print(f"{prog}: warning: {message}", file=sys.stderr, flush=True)
+
 
 def cli(prog, action, errors):
     """Print ``action()``'s result and return 0; an ``errors`` exception becomes one

@@ -25,12 +25,10 @@ batch, so the rounded integers, and hence the sums, do not depend on the rank
 count either.
 """
 
-import time
-
 import numpy as np
 from mpi4py import MPI
 
-from distnn import products
+from distnn import model, products
 
 EMPTY = -(2**40)  # exponent of a part with no nonzero values on this rank
 MIN_EXP = products.MIN_EXP  # parts below 2**-900 count as zero (keeps 2**shift finite)
@@ -69,30 +67,25 @@ def on_grid(x, shift):
 
 
 class _Agreement:
-    """One Allreduce(MAX) over a vector of exponents, a non-finite flag and a carried
-    integer (the caller's: the trainer agrees its stop signal here at no extra cost)."""
+    """One Allreduce(MAX) over a vector of exponents and a non-finite flag: the grids
+    every rank uses, or NonFiniteError on every rank when any rank saw a NaN or inf."""
 
     def __init__(self, n, comm):
         self.comm = comm
-        self.local = np.zeros(n + 2, dtype=np.int64)
-        self.agreed = np.zeros(n + 2, dtype=np.int64)
-        self.seconds = 0.0  # time in the last Allreduce
-        self.carried = 0    # the largest ``carry`` of any rank in the last call
+        self.local = np.zeros(n + 1, dtype=np.int64)
+        self.agreed = np.zeros(n + 1, dtype=np.int64)
 
-    def __call__(self, arrays, carry=0):
-        self.local[-2:] = 0, carry
+    def __call__(self, arrays):
+        self.local[-1] = 0
         for k, x in enumerate(arrays):
             try:
                 self.local[k] = exponent(x)
             except NonFiniteError:
-                self.local[k], self.local[-2] = EMPTY, 1
-        start = time.perf_counter()
+                self.local[k], self.local[-1] = EMPTY, 1
         self.comm.Allreduce(self.local, self.agreed, op=MPI.MAX)
-        self.seconds = time.perf_counter() - start
-        self.carried = int(self.agreed[-1])
-        if self.agreed[-2]:
+        if self.agreed[-1]:
             raise NonFiniteError("a NaN or infinity appeared in the loss or gradients")
-        exps = self.agreed[:-2].copy()
+        exps = self.agreed[:-1].copy()
         exps[exps == EMPTY] = 0
         return [int(e) for e in exps]
 
@@ -121,70 +114,49 @@ class ExactGradients:
     """Exact ``sum_r a_r^T d_r`` and ``sum_r d_r`` per layer, plus statistic sums.
 
     ``layers`` are the widths; the first layer's input must be integer-valued
-    with |value| < 2**first_input_bits (pixels 0..255: 8 bits) and stands for
-    that integer times ``first_input_scale`` (1/255: pixels scaled to [0, 1]).
+    with |value| < 2**first_input_bits (pixels 0..255: 8 bits).
 
-    One preallocated buffer holds every sum: the small parts first (biases,
-    deeper weights, statistics), then the first weight matrix's rows. A call
-    may name the only first-layer input columns that are non-zero anywhere in
-    the batch (``first_rows``, the same on every rank); then only those rows of
-    the first weight gradient are computed, sent and returned (the others are
+    One preallocated buffer holds every sum, in named slices: the small parts
+    first (``bias_sums``, ``weight_sums`` of the deeper layers,
+    ``stat_sums``), then the first weight matrix's rows. A call may name the
+    only first-layer input columns that are non-zero anywhere in the batch
+    (``first_rows``, the same on every rank); then only those rows of the
+    first weight gradient are computed, sent and returned (the others are
     exactly zero), and the Allreduce covers just that prefix of the buffer.
     """
 
-    def __init__(self, layers, n_stats, comm=MPI.COMM_SELF, first_input_bits=8,
-                 first_input_scale=1 / 255, dtype=np.float64):
+    def __init__(self, layers, n_stats, comm=MPI.COMM_SELF, first_input_bits=model.PIXEL_BITS):
         self.comm = comm
-        self.dtype = dtype  # of the returned gradients (sums are exact; one rounding at the end)
         self.first_input_bits = first_input_bits
-        self.first_input_scale = first_input_scale
         self.shapes = [(i, o) for i, o in zip(layers[:-1], layers[1:])]
         small = [self.shapes[0][1]] + [n for i, o in self.shapes[1:] for n in (i * o, o)] + [n_stats]
-        self.offsets = np.concatenate([[0], np.cumsum(small)]).astype(int)
-        self.buffer = np.zeros(self.offsets[-1] + layers[0] * layers[1])
-        n_layers = len(self.shapes)
-        self.agree = _Agreement(2 * n_layers, comm)  # inputs 1.., deltas, stats
-        # seconds of the last call: agreeing on grids (incl. its Allreduce), rounding
-        # and rescaling, the exact GEMMs, and the Allreduce(SUM)
-        self.seconds = {"agree": 0.0, "round": 0.0, "gemm": 0.0, "allreduce": 0.0}
-        self.sent_bytes = 0  # size of the last Allreduce(SUM)
+        offsets = np.concatenate([[0], np.cumsum(small)]).astype(int)
+        self.buffer = np.zeros(offsets[-1] + layers[0] * layers[1])
+        views = [self.buffer[lo:hi] for lo, hi in zip(offsets[:-1], offsets[1:])]
+        self.bias_sums = [views[0]] + views[2:-1:2]  # b0, b1, ...
+        self.weight_sums = [None] + [v.reshape(s) for v, s in zip(views[1:-1:2], self.shapes[1:])]
+        self.stat_sums = views[-1]
+        self.first_start = offsets[-1]  # W0's rows follow the small parts
+        self.agree = _Agreement(2 * len(self.shapes), comm)  # inputs 1.., deltas, stats
 
-    @property
-    def comm_seconds(self):
-        """Time of the last call's two Allreduces."""
-        return self.agree.seconds + self.seconds["allreduce"]
-
-    def _part(self, k):
-        """Buffer slice of small part k: b0, then W1, b1, W2, b2, ..., then the statistics."""
-        return self.buffer[self.offsets[k]:self.offsets[k + 1]]
-
-    @property
-    def carried(self):
-        """The largest ``carry`` any rank passed to the last call."""
-        return self.agree.carried
-
-    def __call__(self, inputs, deltas, stats, total_rows, divide_by=1, first_rows=None, carry=0):
-        """Sum over all rows of all ranks, divided by ``divide_by`` (the batch size for means).
+    def __call__(self, inputs, deltas, stats, total_rows, first_rows=None):
+        """Sum over all rows of all ranks.
 
         ``inputs[l]`` (rows, fan_in) is layer l's input (``inputs[0]`` the integer
         pixels, only the ``first_rows`` columns if given), ``deltas[l]`` (rows,
         fan_out) its dLoss/dz, ``stats`` (rows, n). Returns ([(sum a^T d, sum d)
-        per layer] in ``dtype``, stat sums in float64); the statistics are not divided. The
-        first weight gradient has one row per ``first_rows`` entry (all rows if
-        None). ``carry`` (an integer) is agreed along with the grids: :attr:`carried`.
+        per layer], stat sums), all float64 and exact to their grids; the first
+        weight sum has one row per ``first_rows`` entry (all rows if None).
         """
-        t0 = time.perf_counter()
-        exps = self.agree(list(inputs[1:]) + list(deltas) + [stats], carry)
-        t1 = time.perf_counter()
         n_layers = len(self.shapes)
+        exps = self.agree(list(inputs[1:]) + list(deltas) + [stats])
         in_exps, d_exps, stat_exp = [None] + exps[:n_layers - 1], exps[n_layers - 1:-1], exps[-1]
         bits = headroom_bits(total_rows)
         first_rows = np.arange(self.shapes[0][0]) if first_rows is None else first_rows
-        w0_size = len(first_rows) * self.shapes[0][1]
-        w_sums = [self.buffer[self.offsets[-1]:self.offsets[-1] + w0_size]
-                  .reshape(len(first_rows), self.shapes[0][1])]
-        w_sums += [self._part(2 * l - 1).reshape(self.shapes[l]) for l in range(1, n_layers)]
-        gemm, scales = 0.0, []
+        w0_end = self.first_start + len(first_rows) * self.shapes[0][1]
+        weight_sums = [self.buffer[self.first_start:w0_end].reshape(len(first_rows), -1),
+                       *self.weight_sums[1:]]
+        shifts = []
         for l, (a, d) in enumerate(zip(inputs, deltas)):
             if l == 0:  # pixels are integers already
                 qa, a_shift, d_bits = a, 0, bits - self.first_input_bits
@@ -194,24 +166,12 @@ class ExactGradients:
                 qa = on_grid(a, a_shift)
             d_shift = d_bits - d_exps[l]
             qd = on_grid(d, d_shift)
-            g0 = time.perf_counter()
-            products.GEMM(qa.T, qd, out=w_sums[l])
-            gemm += time.perf_counter() - g0
-            np.sum(qd, axis=0, out=self._part(2 * l))
-            scales.append((a_shift + d_shift, d_shift))
+            products.GEMM(qa.T, qd, out=weight_sums[l])
+            np.sum(qd, axis=0, out=self.bias_sums[l])
+            shifts.append((a_shift + d_shift, d_shift))
         stat_shift = bits - stat_exp
-        self._part(2 * n_layers - 1)[:] = on_grid(stats, stat_shift).sum(axis=0)
-        t2 = time.perf_counter()
-        sent = self.buffer[:self.offsets[-1] + w0_size]
-        self.comm.Allreduce(MPI.IN_PLACE, sent, op=MPI.SUM)
-        self.sent_bytes = sent.nbytes
-        t3 = time.perf_counter()
-        grads = []
-        for l, (w_shift, b_shift) in enumerate(scales):
-            w_factor = (self.first_input_scale if l == 0 else 1) / divide_by
-            grads.append((off_grid(w_sums[l], w_shift, w_factor, self.dtype),
-                          off_grid(self._part(2 * l), b_shift, 1 / divide_by, self.dtype)))
-        stat_sums = off_grid(self._part(2 * n_layers - 1), stat_shift, 1.0)
-        self.seconds = {"agree": t1 - t0, "gemm": gemm, "allreduce": t3 - t2,
-                        "round": (t2 - t1 - gemm) + (time.perf_counter() - t3)}
-        return grads, stat_sums
+        self.stat_sums[:] = on_grid(stats, stat_shift).sum(axis=0)
+        self.comm.Allreduce(MPI.IN_PLACE, self.buffer[:w0_end], op=MPI.SUM)
+        sums = [(off_grid(weight_sums[l], w_shift, 1.0), off_grid(self.bias_sums[l], b_shift, 1.0))
+                for l, (w_shift, b_shift) in enumerate(shifts)]
+        return sums, off_grid(self.stat_sums, stat_shift, 1.0)

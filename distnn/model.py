@@ -22,6 +22,8 @@ from distnn.rng import Stream
 
 HE_INIT = ("relu", "leaky_relu", "elu")
 CLIP = 1e-12  # keeps log() away from 0 in the cross-entropy metric
+PIXEL_BITS = 8         # pixels are the integers 0..255 ...
+PIXEL_SCALE = 1 / 255  # ... standing for their value times this: inputs in [0, 1]
 
 
 def init_params(layers, seed=0, activation="sigmoid", dtype=np.float32):
@@ -49,9 +51,10 @@ def init_params(layers, seed=0, activation="sigmoid", dtype=np.float32):
 
 def layer_input(a, W, b, pixels=False):
     """``a @ W + b`` in W's dtype, its bits fixed. With ``pixels``, ``a`` holds the
-    integers 0..255 and stands for them divided by 255."""
+    integers 0..255 and stands for them times PIXEL_SCALE."""
     if pixels:
-        z = product(np.asarray(a, np.float64), W, W.dtype, integer_bits=8, scale=1 / 255)
+        z = product(np.asarray(a, np.float64), W, W.dtype, integer_bits=PIXEL_BITS,
+                    scale=PIXEL_SCALE)
     else:
         z = product(a, W, W.dtype)
     return np.add(z, b, out=np.empty(z.shape, W.dtype), dtype=np.float64, casting="unsafe")

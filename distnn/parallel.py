@@ -1,4 +1,10 @@
-"""The few MPI-specific pieces: agreeing on errors, checking replicas, ending cleanly.
+"""Everything about ranks working together, apart from the exact sums themselves.
+
+Which rows each rank works on (:func:`row_range`), the same settings and
+data on every rank (:func:`check_same_settings`), parameters that start
+identical on every rank (:func:`broadcast_params`), the per-step agreement on a
+stop signal (:class:`SignalAgreement`), the check that every replica holds the
+same weights (:func:`check_replicas`), and ending cleanly.
 
 A Python exception on one rank must not leave the others waiting forever in
 a collective call. ``agree`` runs a check on every rank and turns any rank's
@@ -8,6 +14,7 @@ its own (the fix ``python -m mpi4py`` applies); ``finish`` ends a rank within a
 bounded time even when its peers are gone.
 """
 
+import dataclasses
 import faulthandler
 import hashlib
 import os
@@ -15,14 +22,67 @@ import sys
 import time
 import traceback
 
+import numpy as np
 from mpi4py import MPI
 
+from distnn.config import differences
 from distnn.errors import CleanExit, Diverged, OutputError, Stopped, UserError
 
 EXIT_FAILURE = 1
 ABORT_GRACE_S = 0.3
 FINISH_WAIT_S = 10  # how long a rank waits at the end for its peers before leaving alone
 AGREED = {cls.__name__: cls for cls in (UserError, OutputError, Diverged, Stopped)}
+
+
+def row_range(n_rows, size, rank):
+    """The contiguous rows [lo, hi) of ``n_rows`` that ``rank`` of ``size`` works on."""
+    base, extra = divmod(n_rows, size)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (rank < extra)
+
+
+def my_rows(positions, comm):
+    """This rank's contiguous share of ``positions`` (:func:`row_range`)."""
+    lo, hi = row_range(len(positions), comm.size, comm.rank)
+    return positions[lo:hi]
+
+
+def broadcast_params(comm, params):
+    """``params`` with rank 0's values on every rank (in place)."""
+    for W, b in params:
+        comm.Bcast(W, root=0)
+        comm.Bcast(b, root=0)
+    return params
+
+
+class SignalAgreement:
+    """The largest stop signal number any rank received (0 for none), agreed once per
+    step with one 8-byte Allreduce(MAX), so every rank stops after the same step."""
+
+    def __init__(self, comm):
+        self.comm = comm
+        self.local = np.zeros(1, np.int64)
+        self.agreed = np.zeros(1, np.int64)
+
+    def __call__(self, signum):
+        self.local[0] = signum
+        self.comm.Allreduce(self.local, self.agreed, op=MPI.MAX)
+        return int(self.agreed[0])
+
+
+def check_same_settings(comm, cfg, fingerprint):
+    """Refuse to start when ranks were given different settings or data files."""
+    mine = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "data"}
+    everyone = comm.allgather((mine, fingerprint, cfg.data))
+    settings0, fingerprint0, path0 = everyone[0]
+    for rank, (settings, fp, path) in enumerate(everyone[1:], start=1):
+        if fp != fingerprint0:
+            raise UserError(f"rank {rank} reads a different data file ({path}) from rank 0 "
+                            f"({path0}); every rank must use the same data", agreed=True)
+        diffs = differences(settings0, settings, fields=sorted(settings0))
+        if diffs:
+            raise UserError(f"rank {rank} was started with different settings from rank 0 "
+                            f"(rank 0 -> rank {rank}): {', '.join(diffs)}", agreed=True)
 
 
 def agree(comm, fn, *args):

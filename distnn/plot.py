@@ -21,8 +21,9 @@ import math
 import sys
 from pathlib import Path
 
-from data_prep.files import atomic_write, reason
+from distnn import rundir
 from distnn.errors import UserError, cli
+from distnn.files import atomic_write, reason
 
 COSTS = (("quadratic_cost", "quadratic cost"), ("cross_entropy", "cross-entropy cost"))
 SPLITS = (("train", "-"), ("val", "--"), ("test", ":"))
@@ -50,19 +51,7 @@ def need_matplotlib():
 
 def load_run(folder):
     """(metrics records, settings) of a run folder: its config plus "ranks", the rank count."""
-    folder = Path(folder)
-    metrics = folder / "metrics.jsonl"
-    if not folder.is_dir():
-        raise UserError(f"{folder}: no such run folder")
-    if not metrics.exists():
-        raise UserError(f"{folder}: no metrics.jsonl (not a distnn run folder, or no epoch finished)")
-    try:
-        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {}
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{folder}: unreadable metrics or config ({exc})") from None
-    if not records:
-        raise UserError(f"{metrics}: holds no epochs yet")
+    records, config = rundir.read_metrics(folder)
     return records, {**config, "ranks": rank_count(folder, records)}
 
 
@@ -71,10 +60,7 @@ def rank_count(folder, records):
     ranks = [r["ranks"] for r in records if r.get("ranks") is not None]
     if ranks:
         return ranks[-1]
-    try:
-        return json.loads((folder / "summary.json").read_text()).get("world_size")
-    except (OSError, ValueError, AttributeError):  # no summary yet, or not a JSON object
-        return None
+    return (rundir.read_summary(folder) or {}).get("world_size")
 
 
 def run_labels(folders, configs):

@@ -26,13 +26,16 @@ import numpy as np
 
 from data_prep.csv_source import read_csv_images
 from data_prep.schema import IMAGE_SHAPE, PIXELS
-from distnn import model, outputs
+from distnn import model
+from distnn.batch import task_labels
 from distnn.config import DEFAULT_DATA
 from distnn.data import Dataset
 from distnn.errors import OutputError, UserError, cli
+from distnn.evaluate import output_values
 from distnn.plot import need_matplotlib, save_png
 from distnn.rng import Stream
-from distnn.step import output_values, task_labels
+from distnn.files import write_whole
+from distnn.rundir.modelfile import load_model
 
 SIDE = IMAGE_SHAPE[0]
 
@@ -131,7 +134,7 @@ def write_predictions(path, guesses, values, with_probabilities):
     def write(tmp):
         with gzip.open(tmp, "wt") as f:
             f.write("\n".join(lines) + "\n")
-    outputs.write_whole(path, write)
+    write_whole(path, write)
 
 
 def show_digits(path, images, labels, captions, probs, guesses, names, count, seed):
@@ -188,7 +191,7 @@ def run(args):
     model_path = Path(args.model)
     if not model_path.is_file():
         raise UserError(f"{model_path}: no such model file (train first: python -m distnn.train)")
-    params, attrs = outputs.load_model(model_path)
+    params, attrs = load_model(model_path)
     layers = attrs["layers"]
     if layers[0] != PIXELS:
         raise UserError(f"{model_path}: the model takes {layers[0]} inputs, but the images have "

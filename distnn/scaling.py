@@ -88,7 +88,7 @@ class StepModel:
 
 
 def rows_per_rank(batch, ranks):
-    """Rows of the busiest rank (``distnn.step.row_range`` gives the remainder to the first ranks)."""
+    """Rows of the busiest rank (``distnn.parallel.row_range`` gives the remainder to the first ranks)."""
     return -(-batch // ranks)
 
 
@@ -167,6 +167,13 @@ def implied_network(tcp, count, small, reduce_bytes_per_s):
 def markdown(allreduce, model, batch):
     """The Markdown section of distnn.bench: measured Allreduce times, the model's table
     at ``batch`` and the smallest batch for the target efficiency."""
+    lines = (_measured_section(allreduce, model["reduce_gb_per_s"] * 1e9) + _model_section(model)
+             + _model_table(model) + _min_batch_section(model, batch))
+    return "\n".join(lines) + "\n"
+
+
+def _measured_section(allreduce, reduce_bytes_per_s):
+    """The 2-rank Allreduce measurement: its method, a row per transport, the TCP reading."""
     small, count = allreduce["small"], allreduce["count"]
     lines = ["", f"**Allreduce, 2 ranks, measured**: the step's two calls at their sizes, "
              f"Allreduce(MAX) of {small} int64, then in-place Allreduce(SUM) of {count:,} "
@@ -178,31 +185,37 @@ def markdown(allreduce, model, batch):
              f"| transport | where | Allreduce(MAX) {8 * small} B | Allreduce(SUM) {8 * count:,} B "
              "| TCP between the ranks |", "|---|---|---|---|---|"]
     for key in ("shm", "tcp"):
-        r = allreduce[key]
-        if r is None:
-            continue
-        evidence = ("not checked (no ss)" if r["rank_sockets"] is None else
-                    f"{r['rank_sockets']} socket(s), {r['tcp_bytes_per_payload_byte']:.2f} B/B")
-        lines.append(f"| {'shared memory' if key == 'shm' else 'TCP'} | {r['where']} | "
-                     f"{r['max_us']:.1f} µs ({r['max_us_iqr'][0]:.1f}–{r['max_us_iqr'][1]:.1f}) | "
-                     f"{r['sum_ms']:.3f} ms ({r['sum_ms_iqr'][0]:.3f}–{r['sum_ms_iqr'][1]:.3f}) | "
-                     f"{evidence} |")
+        if allreduce[key] is not None:
+            lines.append(_measured_row("shared memory" if key == "shm" else "TCP", allreduce[key]))
     if allreduce["tcp"]:
-        alpha, bits = implied_network(allreduce["tcp"], count, small, model["reduce_gb_per_s"] * 1e9)
+        alpha, bits = implied_network(allreduce["tcp"], count, small, reduce_bytes_per_s)
         lines += ["", f"Read through the model below, the TCP figures are {1e6 * alpha:.0f} µs "
                   f"per message and {bits / 1e9:.0f} Gb/s of payload (kernel copies, no wire)."]
-    nets = model["networks"]
-    gbps = " / ".join(n.split()[0] for n in nets) + " Gb/s"
+    return lines
+
+
+def _measured_row(transport, r):
+    """One transport's table row: median (quartile) times and the TCP evidence of its route."""
+    evidence = ("not checked (no ss)" if r["rank_sockets"] is None else
+                f"{r['rank_sockets']} socket(s), {r['tcp_bytes_per_payload_byte']:.2f} B/B")
+    return (f"| {transport} | {r['where']} | "
+            f"{r['max_us']:.1f} µs ({r['max_us_iqr'][0]:.1f}–{r['max_us_iqr'][1]:.1f}) | "
+            f"{r['sum_ms']:.3f} ms ({r['sum_ms_iqr'][0]:.3f}–{r['sum_ms_iqr'][1]:.3f}) | "
+            f"{evidence} |")
+
+
+def _model_section(model):
+    """The model's formula and parameters, and its check against the 2-rank measurement."""
     local = ", ".join(f"{ms:.2f}" for ms in model["local_ms"].values())
     at = ", ".join(str(p) for p in model["local_ms"])
-    lines += ["", "**Model, one rank per node**: T(P, B) = local work + the two Allreduce calls, "
-              f"E = T(1, B) / (P T(P, B)). Local work = {model['fixed_ms']:.2f} ms + "
-              f"{model['per_row_us']:.2f} µs per row of the busiest rank: a line through this "
-              f"process's timings of one rank's share with no network (P = {at}: {local} ms). "
-              "Each Allreduce: MPICH 5.0's default algorithm for its size (recursive doubling up "
-              "to 8 B or with fewer items than the largest power of two in P, else reduce-scatter "
-              f"+ allgather), {model['latency_us']:g} µs per message, the line rate as payload "
-              f"bandwidth, reduction at {model['reduce_gb_per_s']:.1f} GB/s (float64 add here).", ""]
+    lines = ["", "**Model, one rank per node**: T(P, B) = local work + the two Allreduce calls, "
+             f"E = T(1, B) / (P T(P, B)). Local work = {model['fixed_ms']:.2f} ms + "
+             f"{model['per_row_us']:.2f} µs per row of the busiest rank: a line through this "
+             f"process's timings of one rank's share with no network (P = {at}: {local} ms). "
+             "Each Allreduce: MPICH 5.0's default algorithm for its size (recursive doubling up "
+             "to 8 B or with fewer items than the largest power of two in P, else reduce-scatter "
+             f"+ allgather), {model['latency_us']:g} µs per message, the line rate as payload "
+             f"bandwidth, reduction at {model['reduce_gb_per_s']:.1f} GB/s (float64 add here).", ""]
     check = model.get("check_p2")
     if check:
         lines += [f"Check at P = 2 on this host: local work {check['local_ms']:.2f} ms + the "
@@ -210,19 +223,33 @@ def markdown(allreduce, model, batch):
                   f"ms a step; measured {check['measured_ms']:.2f} ms (without communication "
                   f"{check['independent_ms']:.2f} ms). The model leaves out the ranks' waiting "
                   "for each other.", ""]
-    lines += [f"| P | rows/rank | local ms | Allreduce ms at {gbps} | step ms at {gbps} "
-              f"| efficiency at {gbps} |", "|---|---|---|---|---|---|"]
+    return lines
+
+
+def _model_table(model):
+    """The modelled step per rank count: local work, Allreduce, step and efficiency per network."""
+    nets = model["networks"]
+    gbps = " / ".join(n.split()[0] for n in nets) + " Gb/s"
+    lines = [f"| P | rows/rank | local ms | Allreduce ms at {gbps} | step ms at {gbps} "
+             f"| efficiency at {gbps} |", "|---|---|---|---|---|---|"]
     for row in model["rows"]:
         lines.append(f"| {row['ranks']} | {row['rows_per_rank']} | {row['compute_ms']:.2f} | "
                      f"{_per_net(row, nets, 'allreduce_ms', lambda v: f'{v:.2f}')} | "
                      f"{_per_net(row, nets, 'step_ms', lambda v: f'{v:.2f}')} | "
                      f"{_per_net(row, nets, 'efficiency', lambda v: f'{v:.0%}')} |")
+    return lines
+
+
+def _min_batch_section(model, batch):
+    """The smallest batch for the target efficiency per rank count and network, and at the
+    largest rank count without the fixed part of the local work."""
+    nets = model["networks"]
 
     def batch_cell(b, p):
         return f"> {model['batch_limit']:,}" if b is None else f"{b:,} ({b // p:,}/rank)"
-    lines += ["", f"Smallest global batch (a multiple of P) for {model['target']:.0%} efficiency; "
-              f"the gradient message grows with the batch, {8 * model['messages'][-1][0]:,} B at "
-              f"{batch}:", "", f"| P | {' | '.join(nets)} |", "|---|" + "---|" * len(nets)]
+    lines = ["", f"Smallest global batch (a multiple of P) for {model['target']:.0%} efficiency; "
+             f"the gradient message grows with the batch, {8 * model['messages'][-1][0]:,} B at "
+             f"{batch}:", "", f"| P | {' | '.join(nets)} |", "|---|" + "---|" * len(nets)]
     for row in model["rows"]:
         p = row["ranks"]
         lines.append(f"| {p} | " + " | ".join(batch_cell(row[n]["min_batch"], p) for n in nets) + " |")
@@ -231,4 +258,4 @@ def markdown(allreduce, model, batch):
     lines += ["", f"With the whole 1-rank step divided by P instead (no fixed part), P = {last} "
               "would need " + ", ".join(f"{batch_cell(prop[n][last], last)} at {n}" for n in nets)
               + "."]
-    return "\n".join(lines) + "\n"
+    return lines

@@ -12,85 +12,29 @@ if __name__ == "__main__":
     from distnn.stop import REQUEST as _STOP
     _STOP.install()
 
-import json
 import os
 import signal
 import time
 from contextlib import redirect_stderr, redirect_stdout
-from pathlib import Path
 
 import numpy as np
 from mpi4py import MPI
 from threadpoolctl import threadpool_limits
 
-from distnn import checkpoint, config, numerics, optim, outputs, parallel, rundir, startup
+from distnn import config, numerics, optim, parallel, rundir, startup
 from distnn.data import Dataset
-from distnn.errors import Diverged, OutputError, Stopped, UserError
-from distnn.exact import ExactGradients, ExactSum, NonFiniteError
+from distnn.errors import TRAIN, Diverged, OutputError, Stopped, UserError
+from distnn.evaluate import N_EVAL_STATS, evaluation
+from distnn.exact import ExactSum, NonFiniteError
 from distnn.progress import Progress
+from distnn.rundir import claim
 from distnn.schedule import Schedule
-from distnn.step import N_EVAL_STATS, N_STATS, BatchColumns, evaluate, local_share, train_step
+from distnn.state import share_state
+from distnn.step import Stepper
 from distnn.stop import REQUEST
+from distnn.timing import PHASES
 
-PROG = startup.PROG
-
-
-def epoch_record(state, cfg, data, comm, eval_reducer, timers, seconds, trained, rate):
-    """The metrics record of the epoch in progress: running training sums plus evaluation.
-
-    ``trained`` samples took ``seconds`` in this process (less than the epoch's
-    samples when it resumed from a checkpoint inside the epoch); ``rate`` is the
-    learning rate of the epoch's last step.
-    """
-    seen, totals = state.seen, state.totals
-    return {"epoch": state.epoch, "step": state.step, "ranks": comm.size, "lr": rate,
-            "train_loss": totals[0] / seen, "train_acc": totals[1] / seen,
-            "samples_per_s": trained / seconds if seconds else None,
-            **{f"{k}_s": round(v, 4) for k, v in timers.items()},
-            **evaluation(state.step, state.params, cfg, data, comm, eval_reducer)}
-
-
-def initial_record(params, cfg, data, comm, eval_reducer):
-    """Epoch 0: the metrics of the parameters before any step (the baseline)."""
-    return {"epoch": 0, "step": 0, "ranks": comm.size, "elapsed_s": 0.0,
-            **evaluation(0, params, cfg, data, comm, eval_reducer)}
-
-
-def evaluation(step, params, cfg, data, comm, eval_reducer):
-    """Accuracy, quadratic cost and cross-entropy on the validation and test splits."""
-    record = {}
-    for split in ("val", "test"):
-        try:
-            scores = evaluate(params, cfg, data, split, comm, eval_reducer) or {}
-        except NonFiniteError:
-            raise Diverged(f"training diverged by step {step}: the {split} outputs became "
-                           "NaN or infinite; the last good checkpoint is kept; lower --lr",
-                           agreed=True) from None
-        for key, value in scores.items():
-            record[f"{split}_{key}"] = value
-    return record
-
-
-def check_finite(state):
-    """Raise Diverged if any parameter is NaN or infinite (never checkpoint those)."""
-    if not all(np.isfinite(W).all() and np.isfinite(b).all() for W, b in state.params):
-        raise Diverged(f"training diverged by step {state.step}: the parameters became NaN or "
-                       "infinite; the last good checkpoint is kept; lower --lr", agreed=True)
-
-
-def log_line(record, cfg):
-    evals = "".join(f"  {k} {record[k]:.4f}" for k in ("val_acc", "test_acc") if k in record)
-    head = f"epoch {record['epoch']:3d}/{cfg.epochs}  step {record['step']:6d}  "
-    if record["epoch"] == 0:
-        return head + f"initial parameters{evals}"
-    return (head + f"loss {record['train_loss']:.4f}  train_acc {record['train_acc']:.4f}{evals}  "
-            f"{record['samples_per_s']:.0f} samples/s")
-
-
-def on_rank0(comm, fn, *args):
-    """``fn(*args)`` on rank 0 (its writes), agreed: when it fails (an OutputError for a
-    file that cannot be written), every rank ends with its error. Returns rank 0's result."""
-    return comm.bcast(parallel.agree(comm, lambda: fn(*args) if comm.rank == 0 else None), root=0)
+PROG = TRAIN
 
 
 def run(cfg, comm=MPI.COMM_SELF, stop=None):
@@ -105,12 +49,12 @@ def run(cfg, comm=MPI.COMM_SELF, stop=None):
     parallel.agree(comm, startup.prepare_default_data, cfg, comm)
     data = parallel.agree(comm, Dataset, cfg.data, cfg.train_limit, cfg.val_size, cfg.seed, cfg.stream)
     try:
-        startup.check_same_settings(comm, cfg, data.fingerprint)
+        parallel.check_same_settings(comm, cfg, data.fingerprint)
         if comm.rank == 0:
             startup.note_train_limit(cfg, data)
         params = parallel.agree(comm, startup.initial_params, cfg)
-        folder = parallel.agree(comm, lambda: rundir.claim(cfg.out, cfg.resume) if comm.rank == 0
-                             else None)
+        folder = parallel.agree(comm, lambda: claim.claim(cfg.out, cfg.resume) if comm.rank == 0
+                                else None)
         cfg.out = comm.bcast(str(folder.path) if folder else None, root=0)
         try:
             return train(cfg, comm, data, params, folder, stop)
@@ -122,135 +66,195 @@ def run(cfg, comm=MPI.COMM_SELF, stop=None):
 
 
 def train(cfg, comm, data, params, folder, stop):
-    """The run itself, in the claimed ``folder`` (rank 0's; None on the others)."""
+    """The run itself, in the claimed ``folder`` (rank 0's; None on the others): the
+    state to start from on every rank, the loop, and the trained model."""
     try:
-        resumed = parallel.agree(comm, startup.resume_state, cfg, data.fingerprint, comm)
-        state = startup.share_state(comm, resumed, params,
-                                    optim.zero_velocity(params, cfg.momentum))
-        eval_reducer = ExactSum([N_EVAL_STATS], comm)
+        resumed = parallel.agree(comm, lambda: rundir.resume_state(cfg, data.fingerprint)
+                                 if comm.rank == 0 else None)
+        state = share_state(comm, resumed, params, optim.zero_velocity(params, cfg.momentum))
+        scorer = ExactSum([N_EVAL_STATS], comm)
         if not state.history:  # a fresh run: the baseline, epoch 0
-            state.history.append(initial_record(state.params, cfg, data, comm, eval_reducer))
-        out, config_json = Path(cfg.out), cfg.to_json()
-        metrics_log = outputs.MetricsLog(out / "metrics.jsonl")
-        on_rank0(comm, lambda: (metrics_log.rewrite(state.history),
-                                outputs.write_json(out / "config.json", json.loads(config_json))))
+            state.history.append({"epoch": 0, "step": 0, "ranks": comm.size, "elapsed_s": 0.0,
+                                  **evaluation(0, state.params, cfg, data, comm, scorer)})
+        files = rundir.RunFiles(cfg.out, cfg.to_json(), data.fingerprint, cfg.keep)
+        on_rank0(comm, files.start, state.history)
     except BaseException:
         if folder:
             folder.discard()  # failed before its first step: leave no trace of a new folder
         raise
     try:
-        return train_steps(cfg, comm, data, state, metrics_log, config_json, eval_reducer, stop)
+        record, samples_per_s, clock = train_steps(cfg, comm, data, state, files, scorer, stop)
     except OutputError as exc:
         raise OutputError(f"{exc}; the checkpoints written so far are intact: continue with "
                           f"--resume --out {cfg.out} once it can be written",
                           agreed=exc.agreed) from None
+    summary = {"world_size": comm.size, "steps": state.step, "epochs": record["epoch"],
+               "params_sha256": parallel.params_digest(state.params),
+               "train_loss": record["train_loss"], "val_acc": record.get("val_acc"),
+               "test_acc": record.get("test_acc"),
+               "samples_per_s": samples_per_s or record.get("samples_per_s"),
+               "wall_s": clock.session()}
+    on_rank0(comm, files.finish, state.params, cfg, summary)
+    return state.params, summary
 
 
-def train_steps(cfg, comm, data, state, metrics_log, config_json, eval_reducer, stop):
-    """Epochs of exact steps from ``state`` on; rank 0 logs, records and checkpoints."""
-    size, rank = comm.size, comm.rank
-    out = Path(cfg.out)
+def train_steps(cfg, comm, data, state, files, scorer, stop):
+    """The training loop: epochs of exact steps from ``state`` on, each epoch closed by an
+    evaluation; rank 0 logs, records and checkpoints. Returns the last metrics record,
+    this session's samples/s (None if it trained none) and its clock."""
     steps_per_epoch = -(-data.size("train") // cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
-    total_steps = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
-    progress = Progress(total_steps, cfg.log_every, cfg.quiet, enabled=rank == 0, start=state.step)
-    if rank == 0 and not cfg.quiet:
-        print(f"{PROG}: {size} rank{'s' if size > 1 else ''}, {data.size('train')} training / "
-              f"{data.size('val')} validation / {data.size('test')} test images\n"
-              f"{cfg.describe()}", flush=True)
-        if state.step == 0:
-            progress.write(log_line(state.history[0], cfg))
-
-    def elapsed():
-        """Seconds of training so far, counting the sessions before a resumption."""
-        return round(resumed_at + time.perf_counter() - start, 3)
-
-    def save_checkpoint():
-        """Rank 0 writes ``state`` (agreed); every rank first checks the parameters are finite."""
-        check_finite(state)
-        state.elapsed_s = elapsed()
-        return on_rank0(comm, checkpoint.save, out / "checkpoints", state, config_json,
-                        data.fingerprint, cfg.keep)
-
-    reducer = ExactGradients(cfg.layers, N_STATS, comm, dtype=cfg.np_dtype)
-    batch_columns = BatchColumns(cfg.layers[0], comm)
-    record = state.history[-1]
     rates = Schedule.of(cfg, steps_per_epoch)
-    rate = rates.rate(max(state.step - 1, 0))
-    resumed_at, trained, train_seconds, start = state.elapsed_s, 0, 0.0, time.perf_counter()
-    while state.epoch <= cfg.epochs and not (cfg.max_steps and state.step >= cfg.max_steps):
+    step, clock = Stepper(cfg, comm), Clock(state.elapsed_s)
+    progress = begin(cfg, comm, data, state, steps_per_epoch)
+    record, rate = state.history[-1], rates.rate(max(state.step - 1, 0))
+    trained, train_seconds = 0, 0.0
+    while state.epoch <= cfg.epochs and not at_max_steps(cfg, state):
         order = data.epoch_order(state.epoch, cfg.seed, cfg.shuffle)
-        timers, epoch_start, seen_before = dict(compute=0.0, comm=0.0, data=0.0), time.perf_counter(), state.seen
-        while state.position < steps_per_epoch and not (cfg.max_steps and state.step >= cfg.max_steps):
-            t0 = time.perf_counter()
+        step.timer.reset()
+        epoch_start, seen_before = time.perf_counter(), state.seen
+        while state.position < steps_per_epoch and not at_max_steps(cfg, state):
             batch = order[state.position * cfg.batch_size:(state.position + 1) * cfg.batch_size]
-            pixels, T = local_share(data, batch, cfg, comm)
-            columns = batch_columns(data, batch, pixels)
             rate = rates.rate(state.step)
-            t1 = time.perf_counter()
-            try:
-                new_params, stats = train_step(state.params, state.velocity, rate, cfg, pixels, T,
-                                               columns, reducer, len(batch),
-                                               stop.signum if stop else 0)
-            except NonFiniteError:
-                raise Diverged(f"training diverged at epoch {state.epoch}, step {state.step + 1}: "
-                               f"the loss or gradients became NaN or infinite; the last good "
-                               f"checkpoint is kept; lower --lr (now {cfg.lr})", agreed=True) from None
-            t2 = time.perf_counter()
-            timers["data"] += t1 - t0
-            timers["compute"] += (t2 - t1) - reducer.comm_seconds
-            timers["comm"] += reducer.comm_seconds
-            state.params, state.totals = new_params, state.totals + stats
-            state.seen, state.step, state.position = state.seen + len(batch), state.step + 1, state.position + 1
+            stats, signum = exact_step(step, state, rate, cfg, data, batch, stop)
+            state.advance(len(batch), stats)
             progress.update(state.step, state.epoch, stats[0] / len(batch), len(batch))
-            signum = reducer.carried  # the stop signal of any rank, agreed in the step
             if signum:
-                path = save_checkpoint()
-                raise Stopped(f"{signal.Signals(signum).name} received: stopped after step "
-                              f"{state.step}, checkpoint {path}; continue with --resume "
-                              f"--out {cfg.out}", agreed=True)
+                stop_now(cfg, comm, state, files, clock, signum)
             if (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0
                     and state.position < steps_per_epoch):
-                save_checkpoint()
+                save_checkpoint(comm, state, files, clock)
         seconds = time.perf_counter() - epoch_start
         trained, train_seconds = trained + state.seen - seen_before, train_seconds + seconds
         if state.seen == 0:
-            break
+            break  # --max-steps ended the run at an epoch boundary
         finished = state.position == steps_per_epoch
-        check_finite(state)
+        record = epoch_record(state, comm, rate, step.timer, seconds, state.seen - seen_before)
+        end_epoch(cfg, comm, data, state, files, scorer, clock, progress, record, finished)
         if not finished:
-            save_checkpoint()  # stopped by --max-steps inside an epoch: resumable from here
-        parallel.check_replicas(comm, state.params + state.velocity, f"after step {state.step}")
-        record = epoch_record(state, cfg, data, comm, eval_reducer, timers, seconds,
-                              state.seen - seen_before, rate)
-        record["elapsed_s"] = elapsed()
-        on_rank0(comm, metrics_log.append, record)
-        if rank == 0 and not cfg.quiet:
-            progress.write(log_line(record, cfg))
-        if not finished:
-            break
-        state.history.append(record)
-        state.epoch, state.position, state.seen, state.totals = state.epoch + 1, 0, 0, np.zeros(N_STATS)
-        save_checkpoint()
+            break  # --max-steps ended the run inside this epoch
+        state.next_epoch(record)
+        save_checkpoint(comm, state, files, clock)
     progress.close()
     check_finite(state)
     if trained == 0 and state.seen:
         # resumed at a --max-steps stop inside an epoch with nothing left to do:
         # that epoch's record (the same numbers as before) closes the run again
-        record = epoch_record(state, cfg, data, comm, eval_reducer,
-                              dict(compute=0.0, comm=0.0, data=0.0), 0.0, 0, rate)
-        record["elapsed_s"] = state.elapsed_s
-        on_rank0(comm, metrics_log.append, record)
-    summary = {"world_size": size, "steps": state.step, "epochs": record["epoch"],
-               "params_sha256": parallel.params_digest(state.params),
-               "train_loss": record["train_loss"], "val_acc": record.get("val_acc"),
-               "test_acc": record.get("test_acc"),
-               "samples_per_s": trained / train_seconds if trained else record.get("samples_per_s"),
-               "wall_s": time.perf_counter() - start}
-    on_rank0(comm, lambda: (outputs.save_model(out / "model.h5", state.params, cfg.layers,
-                                               cfg.activation, cfg.loss, cfg.positive_digit),
-                            outputs.write_json(out / "summary.json", summary)))
-    return state.params, summary
+        record = {**epoch_record(state, comm, rate, None, 0.0, 0), "elapsed_s": state.elapsed_s,
+                  **evaluation(state.step, state.params, cfg, data, comm, scorer)}
+        on_rank0(comm, files.metrics.append, record)
+    return record, (trained / train_seconds if trained else None), clock
+
+
+def exact_step(step, state, rate, cfg, data, batch, stop):
+    """One exact step on ``state``'s parameters and velocity (in place); returns the
+    batch's stat sums and the stop signal any rank received (0: none). Diverged, on
+    every rank, when a loss or gradient is NaN or infinite."""
+    try:
+        return step(state.params, state.velocity, rate, data, batch, stop.signum if stop else 0)
+    except NonFiniteError:
+        raise Diverged(f"training diverged at epoch {state.epoch}, step {state.step + 1}: "
+                       f"the loss or gradients became NaN or infinite; the last good "
+                       f"checkpoint is kept; lower --lr (now {cfg.lr})", agreed=True) from None
+
+
+def end_epoch(cfg, comm, data, state, files, scorer, clock, progress, record, finished):
+    """Check the replicas, evaluate and record the epoch in progress (``record``, completed
+    here); an epoch cut short by --max-steps is checkpointed first, so it can continue."""
+    if not finished:
+        save_checkpoint(comm, state, files, clock)
+    else:
+        check_finite(state)
+    parallel.check_replicas(comm, state.params + state.velocity, f"after step {state.step}")
+    record.update(evaluation(state.step, state.params, cfg, data, comm, scorer),
+                  elapsed_s=clock.elapsed())
+    on_rank0(comm, files.metrics.append, record)
+    if comm.rank == 0 and not cfg.quiet:
+        progress.write(log_line(record, cfg))
+
+
+def epoch_record(state, comm, rate, timer, seconds, trained):
+    """The metrics record of the epoch in progress, before its evaluation: running
+    training sums, the rate of its last step, and where this session's time went.
+
+    ``trained`` samples took ``seconds`` in this process (fewer than the epoch's when
+    it resumed inside the epoch); ``timer`` holds their steps' phases (None: no step).
+    """
+    phases = timer.seconds if timer else dict.fromkeys(PHASES, 0.0)
+    return {"epoch": state.epoch, "step": state.step, "ranks": comm.size, "lr": rate,
+            "train_loss": state.totals[0] / state.seen, "train_acc": state.totals[1] / state.seen,
+            "samples_per_s": trained / seconds if seconds else None,
+            **{f"{k}_s": round(v, 4) for k, v in phases.items()}}
+
+
+def begin(cfg, comm, data, state, total_steps_per_epoch):
+    """Rank 0's opening lines (the ranks, the data, the settings; a fresh run's epoch 0)
+    and the progress bar."""
+    total = cfg.epochs * total_steps_per_epoch
+    total = min(total, cfg.max_steps) if cfg.max_steps else total
+    progress = Progress(total, cfg.log_every, cfg.quiet, enabled=comm.rank == 0, start=state.step)
+    if comm.rank == 0 and not cfg.quiet:
+        print(f"{PROG}: {comm.size} rank{'s' if comm.size > 1 else ''}, {data.size('train')} "
+              f"training / {data.size('val')} validation / {data.size('test')} test images\n"
+              f"{cfg.describe()}", flush=True)
+        if state.step == 0:
+            progress.write(log_line(state.history[0], cfg))
+    return progress
+
+
+def at_max_steps(cfg, state):
+    return bool(cfg.max_steps) and state.step >= cfg.max_steps
+
+
+class Clock:
+    """Seconds of training: this session's, and all sessions' (``elapsed``, counting those
+    before a --resume)."""
+
+    def __init__(self, before):
+        self.before, self.start = before, time.perf_counter()
+
+    def session(self):
+        return time.perf_counter() - self.start
+
+    def elapsed(self):
+        return round(self.before + self.session(), 3)
+
+
+def save_checkpoint(comm, state, files, clock):
+    """Rank 0 writes ``state`` (agreed) once every rank found its parameters finite;
+    returns the checkpoint's path."""
+    check_finite(state)
+    state.elapsed_s = clock.elapsed()
+    return on_rank0(comm, files.save_checkpoint, state)
+
+
+def stop_now(cfg, comm, state, files, clock, signum):
+    """A stop signal reached some rank: checkpoint, then end every rank with Stopped."""
+    path = save_checkpoint(comm, state, files, clock)
+    raise Stopped(f"{signal.Signals(signum).name} received: stopped after step {state.step}, "
+                  f"checkpoint {path}; continue with --resume --out {cfg.out}", agreed=True)
+
+
+def check_finite(state):
+    """Raise Diverged if any parameter is NaN or infinite (never checkpoint those)."""
+    if not all(np.isfinite(W).all() and np.isfinite(b).all() for W, b in state.params):
+        raise Diverged(f"training diverged by step {state.step}: the parameters became NaN or "
+                       "infinite; the last good checkpoint is kept; lower --lr", agreed=True)
+
+
+def log_line(record, cfg):
+    """One epoch's line: loss and accuracies (epoch 0: the initial parameters')."""
+    evals = "".join(f"  {k} {record[k]:.4f}" for k in ("val_acc", "test_acc") if k in record)
+    head = f"epoch {record['epoch']:3d}/{cfg.epochs}  step {record['step']:6d}  "
+    if record["epoch"] == 0:
+        return head + f"initial parameters{evals}"
+    return (head + f"loss {record['train_loss']:.4f}  train_acc {record['train_acc']:.4f}{evals}  "
+            f"{record['samples_per_s']:.0f} samples/s")
+
+
+def on_rank0(comm, fn, *args):
+    """``fn(*args)`` on rank 0 (its writes), agreed: when it fails (an OutputError for a
+    file that cannot be written), every rank ends with its error. Returns rank 0's result."""
+    return comm.bcast(parallel.agree(comm, lambda: fn(*args) if comm.rank == 0 else None), root=0)
 
 
 def parse(argv, comm):

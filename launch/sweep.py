@@ -16,16 +16,15 @@ import argparse
 import csv
 import io
 import itertools
-import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from data_prep.files import reason
-from distnn import config as train_config
+from distnn import config, rundir
 from distnn.errors import UserError, cli
+from distnn.files import reason
 
 HOME = Path(__file__).resolve().parents[1]
 SBATCH = HOME / "launch" / "slurm" / "sweep.sbatch"
@@ -98,12 +97,12 @@ def make_grid(chosen):
 
 def check_grid(names, points, train_args):
     """Every point's full distnn.train arguments through its own flag checks."""
-    parser = train_config.build_parser()
+    parser = config.build_parser()
     for point in points:
         where = "grid point " + " ".join(f"{n}={v}" for n, v in zip(names, point))
         try:
             parsed = parser.parse_args(train_flags(names, point) + train_args)
-            train_config.from_args(parsed)
+            config.from_args(parsed)
         except UserError as exc:
             raise UserError(f"{where}: {str(exc).removesuffix(' (see --help)')}") from None
         except SystemExit:  # --help after --: it would print help, not train
@@ -184,10 +183,10 @@ def collect(folder):
         row = dict(zip(names, line.split("\t")), status="missing")
         run = folder / f"task-{row['task']}"
         row["task"] = int(row["task"])
-        if (run / "summary.json").exists():
-            data = json.loads((run / "summary.json").read_text())
-            row.update({k: data.get(k) for k in RESULTS[:-1]}, status="done")
-        elif any((run / name).exists() for name in ("checkpoints", "job.out")):
+        summary = rundir.read_summary(run)
+        if summary is not None:
+            row.update({k: summary.get(k) for k in RESULTS[:-1]}, status="done")
+        elif rundir.started(run) or (run / "job.out").exists():
             row["status"] = "unfinished"
         rows.append(row)
     rows.sort(key=lambda r: (r.get("test_acc") is None, -(r.get("test_acc") or 0), r["task"]))

@@ -4,13 +4,15 @@ import h5py
 import numpy as np
 import pytest
 
-from distnn import checkpoint, model
+from distnn import model
+from distnn.rundir import checkpoint
+from distnn.state import TrainState
 
 
 def make_state(step=7):
     params = model.init_params([6, 5, 3], seed=1)
     velocity = [(W * 0.5, b - 1) for W, b in params]
-    return checkpoint.TrainState(params=params, velocity=velocity, step=step, epoch=2, position=3,
+    return TrainState(params=params, velocity=velocity, step=step, epoch=2, position=3,
                                  totals=np.array([1.5, 2.0]), seen=96,
                                  history=[{"epoch": 1, "test_acc": 0.5, "train_loss": 1.25}])
 

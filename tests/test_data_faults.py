@@ -12,7 +12,7 @@ import pytest
 
 from conftest import (ROOT, error_line, frozen, launch_train, metrics_records, mnist_arrays,
                       rank_pids, run_env, run_result, wait_for, write_data, zero_chunk)
-from distnn import checkpoint
+from distnn.rundir import checkpoint
 
 EXIT_BAD_INPUT = 2
 ARGS = ["--train-limit", "3200", "--val-size", "0", "--epochs", "1", "--layers", "784,8,10",

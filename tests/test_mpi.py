@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from distnn import train
-from distnn.parallel import params_digest
 from distnn.config import Config
 from distnn.exact import ExactGradients, ExactSum, NonFiniteError
+from distnn.parallel import SignalAgreement, broadcast_params, params_digest
 
 
 @pytest.fixture
@@ -53,7 +53,7 @@ def test_exact_gradients_are_independent_of_the_partition(comm):
             assert np.array_equal(gW, sW) and np.array_equal(gb, sb)
         assert np.array_equal(sums, serial[1])
     # and the exact sums are the true sums to within their grid
-    np.testing.assert_allclose(serial[0][0][0], pixels.T @ deltas[0].astype(np.float64) / 255,
+    np.testing.assert_allclose(serial[0][0][0], pixels.T @ deltas[0].astype(np.float64),
                                rtol=1e-9)
     np.testing.assert_allclose(serial[0][1][0], hidden.T.astype(np.float64) @ deltas[1], rtol=1e-5)
 
@@ -65,6 +65,21 @@ def test_non_finite_on_one_rank_is_seen_by_all(comm):
         part[0, 1] = np.nan
     with pytest.raises(NonFiniteError):
         ExactSum([3], comm)([part], comm.size)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_a_signal_on_one_rank_is_agreed_by_all(comm):
+    agree = SignalAgreement(comm)
+    assert agree(0) == 0
+    assert agree(10 if comm.rank == comm.size - 1 else 0) == 10  # SIGUSR1 on the last rank
+    assert agree(15 if comm.rank == 0 else 10) == 15
+
+
+@pytest.mark.mpi(min_size=2)
+def test_parameters_start_as_rank_0s(comm):
+    params = [(np.full((3, 2), comm.rank, np.float32), np.full(2, comm.rank, np.float32))]
+    broadcast_params(comm, params)
+    assert not params[0][0].any() and not params[0][1].any()
 
 
 @pytest.mark.mpi(min_size=2)

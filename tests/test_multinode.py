@@ -12,7 +12,7 @@ import pytest
 
 from conftest import (ROOT, frozen, node_mpirun, rank_pids, run_env, run_result, trained,
                       wait_for)
-from distnn import checkpoint
+from distnn.rundir import checkpoint
 from numerics_env import oldest_numpy_env, simd_off_env
 
 pytestmark = pytest.mark.multinode

@@ -76,7 +76,7 @@ def tiny_problem(seed=3, rows=24, hidden=5):
 def distnn_steps(params, pixels, labels, steps, rates, **settings):
     """``steps`` steps of distnn's training step (one process), parameters after each."""
     cfg = Config(layers=(784, params[0][0].shape[1], 10), dtype="float64", **settings)
-    reducer = ExactGradients(cfg.layers, N_STATS, dtype=np.float64)
+    reducer = ExactGradients(cfg.layers, N_STATS)
     T = model.targets_for(labels, len(labels), 10, np.float64)
     columns = np.flatnonzero(pixels.any(axis=0))
     params = [(W.copy(), b.copy()) for W, b in params]

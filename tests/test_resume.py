@@ -15,7 +15,7 @@ import pytest
 
 from conftest import (ROOT, corrupt_chunk, deliver_while_frozen, find_mpirun, frozen, launch_train,
                       metrics_records, rank_pids, run_env, run_result, trained, wait_for)
-from distnn import checkpoint
+from distnn.rundir import checkpoint
 
 ARGS = ["--train-limit", "3200", "--val-size", "200", "--epochs", "4", "--layers", "784,64,10",
         "--batch-size", "32", "--checkpoint-every", "10"]

@@ -14,9 +14,10 @@ import pytest
 from conftest import (ROOT, error_line, frozen, launch_train, metrics_records, mnist_arrays,
                       need_root, rank_pids, run_env, run_result, trained, wait_for, write_data,
                       zero_chunk)
-from distnn import checkpoint, rundir
+from distnn.rundir import checkpoint
+from distnn.rundir import claim
 from distnn.errors import OutputError
-from distnn.outputs import MetricsLog
+from distnn.rundir.metrics import MetricsLog
 
 # a constant rate: some tests continue a run with another --epochs
 ARGS = ["--train-limit", "1000", "--val-size", "100", "--epochs", "2", "--layers", "784,8,10",
@@ -69,8 +70,8 @@ def lock_text(out):
 
 def test_default_folders_are_unique_within_a_second(tmp_path):
     now = datetime.datetime(2026, 11, 24, 4, 51, 59)
-    first = rundir.unique_default(tmp_path / "runs", now)
-    second = rundir.unique_default(tmp_path / "runs", now)
+    first = claim.unique_default(tmp_path / "runs", now)
+    second = claim.unique_default(tmp_path / "runs", now)
     assert (first.name, second.name) == ("20261124-045159", "20261124-045159-2")
 
 

@@ -21,7 +21,7 @@ import pytest
 
 from conftest import (ROOT, catching_ranks, deliver_while_frozen, find_mpirun, launch_train,
                       need_slurm, rank_pids, run_env, run_result, trained, wait_for)
-from distnn import checkpoint
+from distnn.rundir import checkpoint
 
 # a constant rate, so the held trials (LONG) can resume to the 3-epoch result
 ARGS = ["--train-limit", "2000", "--val-size", "200", "--epochs", "3", "--layers", "784,32,10",

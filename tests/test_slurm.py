@@ -16,7 +16,7 @@ import pytest
 
 from conftest import (ROOT, deliver_while_frozen, frozen, has_signal, need_slurm,
                       proc_status, rank_pids, run_env, run_result, trained, wait_for)
-from distnn import checkpoint
+from distnn.rundir import checkpoint
 
 pytestmark = pytest.mark.slurm
 TRAIN_SBATCH = ROOT / "launch" / "slurm" / "train.sbatch"

@@ -173,9 +173,10 @@ def test_missing_and_wrong_schema_data_files(tmp_path):
 
 
 def test_init_with_other_layer_sizes_is_refused(mnist_h5, tmp_path):
-    from distnn import model, outputs
+    from distnn import model
+    from distnn.rundir import modelfile
     params = model.init_params([784, 30, 10])
-    outputs.save_model(tmp_path / "m.h5", params, [784, 30, 10], "sigmoid", "ce")
+    modelfile.save_model(tmp_path / "m.h5", params, [784, 30, 10], "sigmoid", "ce")
     result = launch_train(["--data", mnist_h5, "--out", tmp_path / "o", "--init", tmp_path / "m.h5",
                            "--layers", "784,16,10"], ranks=2, timeout=60)
     assert result.returncode == 2

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, launch_train, mnist_arrays, run_env, run_module, write_data
-from distnn import model, outputs
+from distnn import model
+from distnn.rundir import modelfile
 
 TRAIN = ["--train-limit", "3000", "--val-size", "300", "--epochs", "2", "--layers", "784,16,10",
          "--batch-size", "32"]
@@ -132,13 +133,13 @@ def test_probabilities_csv_rows_and_own_images(run_dir, mnist_h5, tmp_path):
 def test_bad_input_is_one_clear_error(run_dir, mnist_h5, tmp_path):
     run, _ = run_dir
     wrong = tmp_path / "wrong.h5"
-    outputs.save_model(wrong, model.init_params([100, 10]), [100, 10], "sigmoid", "ce")
+    modelfile.save_model(wrong, model.init_params([100, 10]), [100, 10], "sigmoid", "ce")
     big = tmp_path / "big.pgm"
     big.write_bytes(b"P5 32 32 255\n" + bytes(32 * 32))
     zero = tmp_path / "zero.pgm"
     zero.write_bytes(b"P5 28 28 0\n" + bytes(28 * 28))
     unknown = tmp_path / "unknown.h5"
-    outputs.save_model(unknown, model.init_params([784, 10]), [784, 10], "swish", "ce")
+    modelfile.save_model(unknown, model.init_params([784, 10]), [784, 10], "swish", "ce")
     notest = write_data(tmp_path / "notest.h5", *mnist_arrays(mnist_h5, 100, 0))
     blank = tmp_path / "blank.pgm"
     blank.write_bytes(b"P5 28 28 255\n" + bytes([200]) * (28 * 28))

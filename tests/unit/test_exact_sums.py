@@ -45,19 +45,19 @@ def test_gradients_are_the_same_bits_for_any_row_order():
     pixels = rng.integers(0, 256, (n, 784)).astype(np.float64)
     hidden, deltas = rng.random((n, 6)), [rows(4, n, 6, 8), rows(5, n, 10, 8)]
     stats = rng.random((n, 2))
-    reducer = ExactGradients(layers, 2, dtype=np.float64)
+    reducer = ExactGradients(layers, 2)
 
     def run(order):
         grads, sums = reducer([pixels[order], hidden[order]], [d[order] for d in deltas],
-                              stats[order], n, divide_by=n)
+                              stats[order], n)
         return [g.copy() for pair in grads for g in pair], sums.copy()
 
     first, again = run(np.arange(n)), run(rng.permutation(n))
     for a, b in zip(first[0] + [first[1]], again[0] + [again[1]]):
         assert np.array_equal(a, b)
-    # the first layer: sum_r a_r^T d_r / n with pixels scaled by 1/255, to the grid's accuracy
+    # the first layer: sum_r a_r^T d_r over the integer pixels, to the grid's accuracy
     # (38 bits below the batch's largest delta)
-    reference = pixels.T @ deltas[0] / 255 / n
+    reference = pixels.T @ deltas[0]
     np.testing.assert_allclose(first[0][0], reference, rtol=0, atol=np.abs(reference).max() * 1e-8)
 
 

@@ -1,8 +1,8 @@
-"""distnn.step.row_range: every global row on exactly one rank, contiguous and balanced."""
+"""distnn.parallel.row_range: every global row on exactly one rank, contiguous and balanced."""
 
 import pytest
 
-from distnn.step import row_range
+from distnn.parallel import row_range
 
 
 @pytest.mark.parametrize("size", range(1, 10))

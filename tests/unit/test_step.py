@@ -7,7 +7,8 @@ import pytest
 from distnn import model, optim
 from distnn.config import Config
 from distnn.exact import ExactGradients
-from distnn.step import N_STATS, gradients, output_values, train_step
+from distnn.evaluate import output_values
+from distnn.step import N_STATS, gradients, mean_gradients, train_step
 
 CFG = Config(layers=(784, 12, 10), dtype="float32", momentum=0.9, nesterov=True,
              weight_decay=1e-3)
@@ -27,7 +28,7 @@ def params():
 
 def step_gradients(pixels, T, p=None):
     columns = np.flatnonzero(pixels.any(axis=0))
-    reducer = ExactGradients(CFG.layers, N_STATS, dtype=np.float32)
+    reducer = ExactGradients(CFG.layers, N_STATS)
     return gradients(p or params(), CFG, pixels, T, columns, reducer, len(pixels))
 
 
@@ -52,7 +53,7 @@ def test_a_step_is_its_gradient_then_the_update():
     p, q = params(), params()
     vp, vq = optim.zero_velocity(p, CFG.momentum), optim.zero_velocity(q, CFG.momentum)
     columns = np.flatnonzero(pixels.any(axis=0))
-    reducer = ExactGradients(CFG.layers, N_STATS, dtype=np.float32)
+    reducer = ExactGradients(CFG.layers, N_STATS)
     for rate in (0.1, 0.3):
         train_step(p, vp, rate, CFG, pixels, T, columns, reducer, len(pixels))
         grads, _ = step_gradients(pixels, T, q)
@@ -68,3 +69,19 @@ def test_a_rows_outputs_do_not_depend_on_the_rows_beside_it(rows):
     for i in range(0, 20, rows):
         alone = output_values(params(), pixels[i:i + rows], CFG.activation, CFG.loss)
         assert np.array_equal(alone, together[i:i + rows])
+
+
+def test_mean_gradients_round_the_exact_sums_once_into_the_parameters_dtype():
+    p = params()
+    columns = np.array([3, 100, 783])
+    rng = np.random.default_rng(4)
+    sums = [(rng.normal(size=(3, 12)) * 1e3, rng.normal(size=12)),
+            (rng.normal(size=(12, 10)), rng.normal(size=10))]
+    grads = mean_gradients(sums, p, columns, 24)
+    gW0 = grads[0][0]
+    assert gW0.shape == (784, 12) and gW0.dtype == np.float32
+    assert np.array_equal(gW0[columns], (sums[0][0] * ((1 / 255) / 24)).astype(np.float32))
+    assert not np.delete(gW0, columns, axis=0).any()  # unused pixel columns: exactly 0
+    for (gW, gb), (sW, sb) in zip(grads[1:], sums[1:]):
+        assert np.array_equal(gW, (sW * (1 / 24)).astype(np.float32))
+        assert np.array_equal(gb, (sb * (1 / 24)).astype(np.float32))

@@ -1,4 +1,4 @@
-"""The run folder (``--out``): owned by one run at a time, never left half-made.
+"""Claiming the run folder (``--out``): owned by one run at a time, never left half-made.
 
 Rank 0 claims the folder before anything is written to it:
 
@@ -23,16 +23,15 @@ import shutil
 import socket
 from pathlib import Path
 
-from data_prep.files import reason
-from distnn.errors import UserError
-from distnn.startup import warn
+from distnn.errors import UserError, warn
+from distnn.rundir import CHECKPOINTS, CONFIG, LOCK, METRICS, MODEL, SUMMARY
+from distnn.files import reason
 
-LOCK = ".lock"
-RUN_FILES = ("summary.json", "metrics.jsonl", "checkpoints")
-# temporary files of distnn.train's own writes (data_prep.files.atomic_write names them
+RUN_FILES = (SUMMARY, METRICS, CHECKPOINTS)
+# temporary files of distnn.train's own writes (files.atomic_write names them
 # .<name>.<random>.tmp); other programs' temporary files in the folder are left alone
-LEFTOVERS = [f".{name}.*.tmp" for name in ("model.h5", "summary.json", "config.json",
-                                           "metrics.jsonl")] + ["checkpoints/.ckpt-*.h5.*.tmp"]
+LEFTOVERS = [f".{name}.*.tmp" for name in (MODEL, SUMMARY, CONFIG, METRICS)] + \
+    [f"{CHECKPOINTS}/.ckpt-*.h5.*.tmp"]
 SHOWN_PATH = 200  # longer paths are shortened in messages
 
 
@@ -67,7 +66,7 @@ def claim(out, resume):
         if held and not resume:
             raise UserError(f"--out {shown(path)}: already holds a run; add --resume to continue "
                             "it or choose another folder")
-        checkpoints = path / "checkpoints"
+        checkpoints = path / CHECKPOINTS
         if checkpoints.exists() and not checkpoints.is_dir():
             raise UserError(f"--out {shown(path)}: {checkpoints.name} is in the way: it is "
                             "not a folder")

@@ -1,22 +1,19 @@
 """Checkpoints: HDF5 snapshots holding everything needed to continue a run exactly.
 
-A checkpoint is taken at a step boundary and holds the parameters, the
-momentum's velocity (when the run has momentum), the global step, the epoch and the number of steps done in it, the epoch's running
-statistic sums, the metrics history, the configuration and the data file's
-fingerprint. Nothing else is needed: the validation split and every epoch's
-shuffle are pure functions of (seed, epoch), the learning rate one of the
-step (:mod:`distnn.schedule`), and the exact reduction makes the
-state independent of the rank count, so a run can resume on any number of
-ranks.
+A checkpoint is taken at a step boundary and holds the run's
+:class:`distnn.state.TrainState` (parameters, the momentum's velocity, the
+global step, the epoch and the steps done in it, the epoch's running
+statistic sums, the metrics history, the seconds trained), the
+configuration and the data file's fingerprint: all a run needs to resume
+exactly, on any number of ranks.
 
 Files are ``<out>/checkpoints/ckpt-<step>.h5``, written by rank 0 under a
 temporary name, fsync'd, renamed and the folder fsync'd
-(:func:`data_prep.files.atomic_write`): a crash at any moment
+(:func:`distnn.files.atomic_write`): a crash at any moment
 leaves the previous checkpoint intact. Each file carries a SHA-256 of its
 contents, checked on load, and nothing in it is pickled.
 """
 
-import dataclasses
 import json
 import re
 from pathlib import Path
@@ -24,10 +21,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from data_prep.files import atomic_write
 from distnn.parallel import params_hash
-from distnn.outputs import writing
-from distnn.step import N_STATS
+from distnn.files import atomic_write, writing
+from distnn.state import TrainState
 
 FORMAT = "distnn-checkpoint"
 VERSION = 3
@@ -39,20 +35,6 @@ NAME = re.compile(r"^ckpt-(\d{9})\.h5$")
 
 class CheckpointError(Exception):
     """A checkpoint file is unreadable, incomplete or fails its checksum."""
-
-
-@dataclasses.dataclass
-class TrainState:
-    """Where a run stands at a step boundary."""
-    params: list
-    velocity: list = dataclasses.field(default_factory=list)  # (vW, vb) per layer; [] if no momentum
-    step: int = 0          # steps taken in the whole run
-    epoch: int = 1         # the epoch in progress (1-based)
-    position: int = 0      # steps of that epoch already taken
-    totals: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(N_STATS))  # loss, correct
-    seen: int = 0          # samples of that epoch already trained on
-    history: list = dataclasses.field(default_factory=list)  # metrics records so far
-    elapsed_s: float = 0.0  # seconds of training before this state, over all sessions
 
 
 def digest(state, config_json, data_fingerprint):

@@ -1,8 +1,13 @@
-"""Files that appear whole or not at all (the data file, and distnn's outputs)."""
+"""Files that appear whole or not at all: every file distnn writes (a run's outputs,
+the prepared data file, plots) goes through :func:`atomic_write`."""
 
+import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+
+from distnn.errors import OutputError
 
 
 def atomic_write(path, write):
@@ -25,6 +30,28 @@ def atomic_write(path, write):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def writing(path):
+    """Turn a failure to write ``path`` into an OutputError naming it."""
+    try:
+        yield
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {reason(exc)}") from None
+
+
+def write_whole(path, write):
+    """:func:`atomic_write` for an output: a failure is an OutputError naming the file."""
+    with writing(path):
+        atomic_write(path, write)
+
+
+def write_json(path, obj):
+    """``obj`` as indented, key-sorted JSON, written whole."""
+    def write(tmp):
+        Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    write_whole(path, write)
 
 
 def reason(exc):

@@ -1,46 +1,16 @@
-"""What a run leaves in ``--out``: model.h5, metrics.jsonl, summary.json.
+"""The trained model's file, model.h5: what ``--init`` and ``distnn.predict`` read.
 
-model.h5 and summary.json are written under a temporary name, fsync'd and
-renamed (and the folder fsync'd), so a reader or a crash never sees half a
-file. metrics.jsonl grows by one whole, fsync'd line per epoch (a line that
-cannot be written whole is cut off again); a resumed run rewrites it
-atomically from its checkpoint's history. A write that fails (a full disk, an
-I/O error) raises an OutputError naming the file.
+Written whole (:func:`distnn.files.write_whole`): a reader or a crash
+never sees half a file. Nothing in it is pickled.
 """
-
-import json
-import os
-from contextlib import contextmanager
-from pathlib import Path
 
 import h5py
 import numpy as np
 
-from data_prep.files import atomic_write, reason
 from distnn import activations, losses
 from distnn.config import DTYPES
-from distnn.errors import OutputError, UserError
-
-
-@contextmanager
-def writing(path):
-    """Turn a failure to write ``path`` into an OutputError naming it."""
-    try:
-        yield
-    except OSError as exc:
-        raise OutputError(f"cannot write {path}: {reason(exc)}") from None
-
-
-def write_whole(path, write):
-    """``data_prep.files.atomic_write`` for an output: a failure is an OutputError naming it."""
-    with writing(path):
-        atomic_write(path, write)
-
-
-def write_json(path, obj):
-    def write(tmp):
-        Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    write_whole(path, write)
+from distnn.errors import UserError
+from distnn.files import write_whole
 
 
 def save_model(path, params, layers, activation, loss, positive_digit=None):
@@ -94,34 +64,3 @@ def check_model_attrs(path, attrs):
                             f"{', '.join(names)})")
     if len(attrs["layers"]) < 2 or min(attrs["layers"]) < 1:
         raise UserError(f"{path}: layers {attrs['layers']} are not a network")
-
-
-class MetricsLog:
-    """One JSON object per epoch in metrics.jsonl, each line flushed and fsync'd."""
-
-    def __init__(self, path):
-        self.path = Path(path)
-
-    def rewrite(self, records):
-        """Replace the file with ``records`` (a resumed run drops lines past its checkpoint)."""
-        def write(tmp):
-            Path(tmp).write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
-        write_whole(self.path, write)
-
-    def append(self, record):
-        """Add one line, whole or not at all."""
-        line = (json.dumps(record, sort_keys=True) + "\n").encode()
-        with writing(self.path):
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
-            try:
-                size = os.fstat(fd).st_size
-                try:
-                    written = 0
-                    while written < len(line):
-                        written += os.write(fd, line[written:])
-                    os.fsync(fd)
-                except OSError:
-                    os.ftruncate(fd, size)
-                    raise
-            finally:
-                os.close(fd)
