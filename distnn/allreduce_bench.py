@@ -1,6 +1,7 @@
 """The step's Allreduce calls over shared memory and over TCP, measured on 2 ranks.
 
-The step's two calls at their real sizes, an ``Allreduce(MAX)`` of the grid
+The step's two sizes of call at their real sizes (the stop signal's one-int64
+MAX is the same kind of call as the first), an ``Allreduce(MAX)`` of the grid
 agreement's int64s, then an in-place ``Allreduce(SUM)`` of the float64 gradient
 buffer, timed call by call on 2 ranks (each call the slower rank's time, after a
 Barrier), once over shared memory (MPICH's and UCX's defaults on one host) and
@@ -181,7 +182,7 @@ def summarize(route, results, count, nodes=None):
 
 
 def measure(count, small, calls, rounds, tcp="auto", warmup=20):
-    """The step's two Allreduce calls on 2 ranks over shared memory and over TCP,
+    """The step's two sizes of Allreduce call on 2 ranks over shared memory and over TCP,
     launches alternating for ``rounds`` rounds. ``tcp``: auto (simulated nodes when up,
     else this host), nodes, loopback or off. Returns {"shm": ..., "tcp": ... or None,
     "note": ...}."""

@@ -19,7 +19,9 @@ For one configuration (default 784-256-10 sigmoid/softmax, batch 256, float32) i
 - the ceiling without communication: independent processes, as many as the
   largest measured rank count that fits the cores, each training its share of
   every batch alone, launched and timed the same way;
-- the step's two Allreduce calls at their measured sizes on 2 ranks, over
+- the step's Allreduce calls (a MAX of the grids' int64s, of which the stop
+  signal's one-int64 MAX costs about the same, and the gradients' SUM) at their
+  measured sizes on 2 ranks, over
   shared memory and over TCP (between simulated nodes when launch/nodes.sh has
   them up, else on this host; ``--tcp``), with the rank-to-rank TCP sockets and
   bytes as evidence of the transport (:func:`distnn.allreduce_bench.measure`);
@@ -62,7 +64,7 @@ from distnn.config import DEFAULT_DATA, Config
 from distnn.data import Dataset
 from distnn.exact import ExactGradients
 from distnn.parallel import SignalAgreement
-from distnn.step import N_STATS
+from distnn.state import N_STATS
 
 SIGNAL_BYTES = SignalAgreement(MPI.COMM_SELF).agreed.nbytes  # the stop signal's Allreduce
 
@@ -123,8 +125,8 @@ def config_of(args):
 
 def batch_messages(args, cfg, data, measured):
     """The step's Allreduce calls at global batch B as (count, item bytes): the grid
-    agreement's int64s, the gradient buffer's float64s, then the stop signal's int64.
-    The gradient buffer has one row of the
+    agreement's int64s, the stop signal's int64, then (last) the gradient buffer's
+    float64s, which has one row of the
     first weight gradient per pixel column used in the batch (the median over batches of
     B rows). ``measured``: the gradient count measured at the configured batch."""
     reducer = ExactGradients(cfg.layers, N_STATS)
@@ -137,7 +139,7 @@ def batch_messages(args, cfg, data, measured):
                     batch_rows(data, dataclasses.replace(cfg, batch_size=batch), min(args.steps, 20)))
             counts[batch] = int(statistics.median(
                 reducer.first_start + len(data.nonzero_columns(r)) * cfg.layers[1] for r in rows))
-        return [(small, 8), (counts[batch], 8), (1, SIGNAL_BYTES)]
+        return [(small, 8), (1, SIGNAL_BYTES), (counts[batch], 8)]
     return messages
 
 
@@ -173,7 +175,7 @@ def check_at_two(report, local_ms):
     if 2 not in local_ms or two is None or alone is None:
         return None
     shm = report["allreduce"]["shm"]
-    shm_ms = shm["sum_ms"] + shm["max_us"] / 1e3
+    shm_ms = shm["sum_ms"] + 2 * shm["max_us"] / 1e3  # the grids' and the signal's MAX
     return {"local_ms": local_ms[2], "shm_ms": shm_ms, "model_ms": local_ms[2] + shm_ms,
             "measured_ms": 1e3 * two["samples_per_step"] / two["samples_per_s"],
             "independent_ms": 1e3 * alone["samples_per_step"] / alone["samples_per_s"]}

@@ -12,9 +12,9 @@ import sys
 TRAIN = "distnn.train"  # the trainer's name in its messages
 
 
-def warn(message, prog=TRAIN):
-    """One warning line on stderr: the run goes on."""
-    print(f"{prog}: warning: {message}", file=sys.stderr, flush=True)
+def warn(message):
+    """One warning line of the trainer's on stderr: the run goes on."""
+    print(f"{TRAIN}: warning: {message}", file=sys.stderr, flush=True)
 
 
 def cli(prog, action, errors):

@@ -51,13 +51,12 @@ def exponent(x):
     return max(int(np.frexp(peak)[1]), MIN_EXP) if peak > 0 else EMPTY
 
 
-def off_grid(total, shift, factor, dtype=np.float64):
-    """total * 2**-shift * factor, computed in float64 and stored as ``dtype``: one
-    pass, unless 2**-shift would leave float64's range."""
+def off_grid(total, shift):
+    """total * 2**-shift, exactly (a power of two): one multiply, unless 2**-shift would
+    leave float64's range."""
     if abs(shift) < 900:
-        out = np.empty(total.shape, dtype)
-        return np.multiply(total, 2.0 ** -shift * factor, out=out, casting="unsafe")
-    return (np.ldexp(total, -shift) * factor).astype(dtype)
+        return np.multiply(total, 2.0 ** -shift)
+    return np.ldexp(total, -shift)
 
 
 def on_grid(x, shift):
@@ -106,7 +105,7 @@ class ExactSum:
         for k, part in enumerate(parts):
             self.buffer[self.offsets[k]:self.offsets[k + 1]] = on_grid(part, shifts[k]).sum(axis=0)
         self.comm.Allreduce(self.buffer, self.total, op=MPI.SUM)
-        return [off_grid(self.total[self.offsets[k]:self.offsets[k + 1]], shifts[k], 1.0)
+        return [off_grid(self.total[self.offsets[k]:self.offsets[k + 1]], shifts[k])
                 for k in range(len(parts))]
 
 
@@ -172,6 +171,6 @@ class ExactGradients:
         stat_shift = bits - stat_exp
         self.stat_sums[:] = on_grid(stats, stat_shift).sum(axis=0)
         self.comm.Allreduce(MPI.IN_PLACE, self.buffer[:w0_end], op=MPI.SUM)
-        sums = [(off_grid(weight_sums[l], w_shift, 1.0), off_grid(self.bias_sums[l], b_shift, 1.0))
+        sums = [(off_grid(weight_sums[l], w_shift), off_grid(self.bias_sums[l], b_shift))
                 for l, (w_shift, b_shift) in enumerate(shifts)]
-        return sums, off_grid(self.stat_sums, stat_shift, 1.0)
+        return sums, off_grid(self.stat_sums, stat_shift)

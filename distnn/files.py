@@ -1,5 +1,5 @@
-"""Files that appear whole or not at all: every file distnn writes (a run's outputs,
-the prepared data file, plots) goes through :func:`atomic_write`."""
+"""Files that appear whole or not at all: a run's outputs, its checkpoints, the prepared
+data file, plots and predictions are written through :func:`atomic_write`."""
 
 import json
 import os

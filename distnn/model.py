@@ -13,6 +13,8 @@ a row's outputs do not depend on the machine, the BLAS or the rows beside it.
 The trainer uses ``forward_pass`` and ``layer_deltas`` on each rank's rows.
 """
 
+import hashlib
+
 import numpy as np
 
 from distnn import activations, losses
@@ -220,3 +222,17 @@ def check_inputs(params, X, activation, loss):
     if not np.all(np.isfinite(X)):
         raise ValueError("X: contains NaN or infinity")
     return X.astype(params[0][0].dtype, copy=False)
+
+
+def params_hash(params):
+    """A running SHA-256 of W0, b0, W1, b1, ... as C-order bytes in the run's dtype."""
+    h = hashlib.sha256()
+    for W, b in params:
+        h.update(W.tobytes())
+        h.update(b.tobytes())
+    return h
+
+
+def params_digest(params):
+    """The hex SHA-256 of the parameters (:func:`params_hash`): a run's ``params_sha256``."""
+    return params_hash(params).hexdigest()

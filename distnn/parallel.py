@@ -2,7 +2,8 @@
 
 Which rows each rank works on (:func:`row_range`), the same settings and
 data on every rank (:func:`check_same_settings`), parameters that start
-identical on every rank (:func:`broadcast_params`), the per-step agreement on a
+identical on every rank (:func:`broadcast_params`, :func:`share_state`), the
+per-step agreement on a
 stop signal (:class:`SignalAgreement`), the check that every replica holds the
 same weights (:func:`check_replicas`), and ending cleanly.
 
@@ -16,7 +17,7 @@ bounded time even when its peers are gone.
 
 import dataclasses
 import faulthandler
-import hashlib
+import json
 import os
 import sys
 import time
@@ -25,8 +26,10 @@ import traceback
 import numpy as np
 from mpi4py import MPI
 
+from distnn import model
 from distnn.config import differences
 from distnn.errors import CleanExit, Diverged, OutputError, Stopped, UserError
+from distnn.state import TrainState
 
 EXIT_FAILURE = 1
 ABORT_GRACE_S = 0.3
@@ -85,6 +88,25 @@ def check_same_settings(comm, cfg, fingerprint):
                             f"(rank 0 -> rank {rank}): {', '.join(diffs)}", agreed=True)
 
 
+def share_state(comm, state, params, velocity):
+    """Make every rank hold rank 0's ``state`` (None on the others, or on rank 0 for a
+    fresh run); ``params`` and ``velocity`` (its zeros, [] without momentum) are this
+    rank's arrays to fill, and a fresh run's starting values on rank 0."""
+    meta = None
+    if comm.rank == 0:
+        if state is None:
+            state = TrainState(params=params, velocity=velocity)
+        meta = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
+                if f.name not in ("params", "velocity")}
+        meta = json.dumps({**meta, "totals": [float(t) for t in meta["totals"]]})
+    # as JSON, not pickled numpy objects: ranks may run different numpy versions
+    meta = json.loads(comm.bcast(meta, root=0))
+    held = broadcast_params(comm, state.params if comm.rank == 0 else params)
+    moving = broadcast_params(comm, state.velocity if comm.rank == 0 else velocity)
+    meta["totals"] = np.asarray(meta["totals"], np.float64)
+    return TrainState(params=held, velocity=moving, **meta)
+
+
 def agree(comm, fn, *args):
     """Run ``fn(*args)`` on every rank; if any rank raises a CleanExit, all raise it.
 
@@ -110,23 +132,9 @@ def raise_agreed(failures):
             raise AGREED[kind](prefix + text, agreed=True)
 
 
-def params_hash(params):
-    """A running SHA-256 of W0, b0, W1, b1, ... as C-order bytes in the run's dtype."""
-    h = hashlib.sha256()
-    for W, b in params:
-        h.update(W.tobytes())
-        h.update(b.tobytes())
-    return h
-
-
-def params_digest(params):
-    """The hex SHA-256 of the parameters (:func:`params_hash`)."""
-    return params_hash(params).hexdigest()
-
-
 def check_replicas(comm, params, when):
     """Stop the run if any rank's parameters (and velocity) differ from rank 0's."""
-    digests = comm.allgather(params_digest(params))
+    digests = comm.allgather(model.params_digest(params))
     if len(set(digests)) != 1:
         bad = [r for r, d in enumerate(digests) if d != digests[0]]
         raise RuntimeError(f"ranks {bad} hold different parameters from rank 0 {when}")

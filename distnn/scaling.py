@@ -175,7 +175,7 @@ def markdown(allreduce, model, batch):
 def _measured_section(allreduce, reduce_bytes_per_s):
     """The 2-rank Allreduce measurement: its method, a row per transport, the TCP reading."""
     small, count = allreduce["small"], allreduce["count"]
-    lines = ["", f"**Allreduce, 2 ranks, measured**: the step's two calls at their sizes, "
+    lines = ["", f"**Allreduce, 2 ranks, measured**: the step's two sizes of call, "
              f"Allreduce(MAX) of {small} int64, then in-place Allreduce(SUM) of {count:,} "
              f"float64; medians (quartiles) of {allreduce['shm']['calls']:,} calls each over "
              f"{allreduce['shm']['launches']} alternating launches, each call the slower rank's "
@@ -208,7 +208,7 @@ def _model_section(model):
     """The model's formula and parameters, and its check against the 2-rank measurement."""
     local = ", ".join(f"{ms:.2f}" for ms in model["local_ms"].values())
     at = ", ".join(str(p) for p in model["local_ms"])
-    lines = ["", "**Model, one rank per node**: T(P, B) = local work + the two Allreduce calls, "
+    lines = ["", "**Model, one rank per node**: T(P, B) = local work + the step's three Allreduce calls, "
              f"E = T(1, B) / (P T(P, B)). Local work = {model['fixed_ms']:.2f} ms + "
              f"{model['per_row_us']:.2f} µs per row of the busiest rank: a line through this "
              f"process's timings of one rank's share with no network (P = {at}: {local} ms). "

@@ -1,4 +1,4 @@
-"""Where a run stands at a step boundary, and handing rank 0's state to every rank.
+"""Where a run stands at a step boundary.
 
 The state is all a run needs to continue exactly (:mod:`distnn.rundir.checkpoint`
 stores it): the validation split and every epoch's shuffle are pure functions
@@ -7,12 +7,10 @@ and the exact reduction makes it independent of the rank count.
 """
 
 import dataclasses
-import json
 
 import numpy as np
 
-from distnn.parallel import broadcast_params
-from distnn.step import N_STATS
+N_STATS = 2  # per training row, summed over the epoch: loss, correct
 
 
 @dataclasses.dataclass
@@ -40,22 +38,3 @@ class TrainState:
         self.history.append(record)
         self.epoch += 1
         self.position, self.seen, self.totals = 0, 0, np.zeros(N_STATS)
-
-
-def share_state(comm, state, params, velocity):
-    """Make every rank hold rank 0's ``state`` (None on the others, or on rank 0 for a
-    fresh run); ``params`` and ``velocity`` (its zeros, [] without momentum) are this
-    rank's arrays to fill, and a fresh run's starting values on rank 0."""
-    meta = None
-    if comm.rank == 0:
-        if state is None:
-            state = TrainState(params=params, velocity=velocity)
-        meta = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
-                if f.name not in ("params", "velocity")}
-        meta = json.dumps({**meta, "totals": [float(t) for t in meta["totals"]]})
-    # as JSON, not pickled numpy objects: ranks may run different numpy versions
-    meta = json.loads(comm.bcast(meta, root=0))
-    held = broadcast_params(comm, state.params if comm.rank == 0 else params)
-    moving = broadcast_params(comm, state.velocity if comm.rank == 0 else velocity)
-    meta["totals"] = np.asarray(meta["totals"], np.float64)
-    return TrainState(params=held, velocity=moving, **meta)

@@ -18,9 +18,9 @@ from distnn import losses, model, optim
 from distnn.batch import BatchColumns, local_share
 from distnn.exact import ExactGradients
 from distnn.parallel import SignalAgreement
+from distnn.state import N_STATS
 from distnn.timing import StepTimer, TimedComm
 
-N_STATS = 2  # per training row: loss, correct
 
 
 def train_stats(cfg, z, y, T):

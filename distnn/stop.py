@@ -2,9 +2,8 @@
 
 Slurm (and other schedulers) send such a signal before a time limit or a
 preemption; ``mpirun`` and ``srun`` forward SIGUSR1 to every rank. The handler
-only sets a flag; every step the ranks agree on it inside the
-``Allreduce(MAX)`` that agrees the exact sums' grids (``carry`` of
-:mod:`distnn.exact`), so stopping costs no extra communication. They all stop
+only sets a flag; after every step the ranks agree on it with one 8-byte
+``Allreduce(MAX)`` (:class:`distnn.parallel.SignalAgreement`). They all stop
 after the same step, rank 0 writes a checkpoint, and the job exits with code 75
 (see :mod:`distnn.errors`) for the job script to requeue.
 

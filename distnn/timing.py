@@ -14,12 +14,12 @@ PHASES = ("data", "compute", "comm")
 
 
 class TimedComm:
-    """A communicator whose Allreduce calls are timed and counted (``seconds``,
-    ``calls``, ``bytes``: the buffers' sizes); anything else goes to ``comm``."""
+    """A communicator whose Allreduce calls are timed and counted (``seconds``, and
+    ``bytes``: the buffers' sizes); anything else goes to ``comm``."""
 
     def __init__(self, comm):
         self.comm = comm
-        self.seconds, self.calls, self.bytes = 0.0, 0, 0
+        self.seconds, self.bytes = 0.0, 0
 
     def __getattr__(self, name):
         return getattr(self.comm, name)
@@ -28,12 +28,11 @@ class TimedComm:
         start = time.perf_counter()
         self.comm.Allreduce(sendbuf, recvbuf, op=op)
         self.seconds += time.perf_counter() - start
-        self.calls += 1
         self.bytes += recvbuf.nbytes
 
 
 class StepTimer:
-    """Seconds per phase (:data:`PHASES`) and steps since the last :meth:`reset`.
+    """Seconds per phase (:data:`PHASES`) and Allreduce bytes since the last :meth:`reset`.
 
     Per step: :meth:`start`, then :meth:`loaded` once the batch is read, then
     :meth:`stepped` once the parameters are updated; the time ``comm`` (a
@@ -47,7 +46,7 @@ class StepTimer:
 
     def reset(self):
         self.seconds = dict.fromkeys(PHASES, 0.0)
-        self.steps, self.bytes = 0, 0
+        self.bytes = 0
 
     def start(self):
         self._start, self._comm, self._bytes = time.perf_counter(), self.comm.seconds, self.comm.bytes
@@ -63,5 +62,4 @@ class StepTimer:
         self.seconds["data"] += self._loaded - self._start - (comm - step_comm)
         self.seconds["comm"] += comm
         self.seconds["compute"] += end - self._loaded - step_comm
-        self.steps += 1
         self.bytes += self.comm.bytes - self._bytes

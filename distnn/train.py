@@ -21,7 +21,7 @@ import numpy as np
 from mpi4py import MPI
 from threadpoolctl import threadpool_limits
 
-from distnn import config, numerics, optim, parallel, rundir, startup
+from distnn import config, model, numerics, optim, parallel, rundir, startup
 from distnn.data import Dataset
 from distnn.errors import TRAIN, Diverged, OutputError, Stopped, UserError
 from distnn.evaluate import N_EVAL_STATS, evaluation
@@ -29,7 +29,6 @@ from distnn.exact import ExactSum, NonFiniteError
 from distnn.progress import Progress
 from distnn.rundir import claim
 from distnn.schedule import Schedule
-from distnn.state import share_state
 from distnn.step import Stepper
 from distnn.stop import REQUEST
 from distnn.timing import PHASES
@@ -71,7 +70,7 @@ def train(cfg, comm, data, params, folder, stop):
     try:
         resumed = parallel.agree(comm, lambda: rundir.resume_state(cfg, data.fingerprint)
                                  if comm.rank == 0 else None)
-        state = share_state(comm, resumed, params, optim.zero_velocity(params, cfg.momentum))
+        state = parallel.share_state(comm, resumed, params, optim.zero_velocity(params, cfg.momentum))
         scorer = ExactSum([N_EVAL_STATS], comm)
         if not state.history:  # a fresh run: the baseline, epoch 0
             state.history.append({"epoch": 0, "step": 0, "ranks": comm.size, "elapsed_s": 0.0,
@@ -84,17 +83,17 @@ def train(cfg, comm, data, params, folder, stop):
         raise
     try:
         record, samples_per_s, clock = train_steps(cfg, comm, data, state, files, scorer, stop)
+        summary = {"world_size": comm.size, "steps": state.step, "epochs": record["epoch"],
+                   "params_sha256": model.params_digest(state.params),
+                   "train_loss": record["train_loss"], "val_acc": record.get("val_acc"),
+                   "test_acc": record.get("test_acc"),
+                   "samples_per_s": samples_per_s or record.get("samples_per_s"),
+                   "wall_s": clock.session()}
+        on_rank0(comm, files.finish, state.params, cfg, summary)
     except OutputError as exc:
         raise OutputError(f"{exc}; the checkpoints written so far are intact: continue with "
                           f"--resume --out {cfg.out} once it can be written",
                           agreed=exc.agreed) from None
-    summary = {"world_size": comm.size, "steps": state.step, "epochs": record["epoch"],
-               "params_sha256": parallel.params_digest(state.params),
-               "train_loss": record["train_loss"], "val_acc": record.get("val_acc"),
-               "test_acc": record.get("test_acc"),
-               "samples_per_s": samples_per_s or record.get("samples_per_s"),
-               "wall_s": clock.session()}
-    on_rank0(comm, files.finish, state.params, cfg, summary)
     return state.params, summary
 
 
@@ -125,8 +124,6 @@ def train_steps(cfg, comm, data, state, files, scorer, stop):
                 save_checkpoint(comm, state, files, clock)
         seconds = time.perf_counter() - epoch_start
         trained, train_seconds = trained + state.seen - seen_before, train_seconds + seconds
-        if state.seen == 0:
-            break  # --max-steps ended the run at an epoch boundary
         finished = state.position == steps_per_epoch
         record = epoch_record(state, comm, rate, step.timer, seconds, state.seen - seen_before)
         end_epoch(cfg, comm, data, state, files, scorer, clock, progress, record, finished)
@@ -186,10 +183,10 @@ def epoch_record(state, comm, rate, timer, seconds, trained):
             **{f"{k}_s": round(v, 4) for k, v in phases.items()}}
 
 
-def begin(cfg, comm, data, state, total_steps_per_epoch):
+def begin(cfg, comm, data, state, steps_per_epoch):
     """Rank 0's opening lines (the ranks, the data, the settings; a fresh run's epoch 0)
     and the progress bar."""
-    total = cfg.epochs * total_steps_per_epoch
+    total = cfg.epochs * steps_per_epoch
     total = min(total, cfg.max_steps) if cfg.max_steps else total
     progress = Progress(total, cfg.log_every, cfg.quiet, enabled=comm.rank == 0, start=state.step)
     if comm.rank == 0 and not cfg.quiet:

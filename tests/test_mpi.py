@@ -6,7 +6,8 @@ import pytest
 from distnn import train
 from distnn.config import Config
 from distnn.exact import ExactGradients, ExactSum, NonFiniteError
-from distnn.parallel import SignalAgreement, broadcast_params, params_digest
+from distnn.model import params_digest
+from distnn.parallel import SignalAgreement, broadcast_params
 
 
 @pytest.fixture

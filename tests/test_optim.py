@@ -16,7 +16,8 @@ from distnn import model, optim
 from distnn.config import Config
 from distnn.exact import ExactGradients
 from distnn.schedule import Schedule
-from distnn.step import N_STATS, train_step
+from distnn.state import N_STATS
+from distnn.step import train_step
 
 SHAPES = [(6, 4), (4, 3)]
 

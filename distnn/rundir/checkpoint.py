@@ -21,7 +21,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from distnn.parallel import params_hash
+from distnn.model import params_hash
 from distnn.files import atomic_write, writing
 from distnn.state import TrainState
 

@@ -1,10 +1,12 @@
-"""distnn.state: counting steps and epochs, and the state every rank starts from."""
+"""distnn.state: counting steps and epochs; and the state every rank starts from
+(distnn.parallel.share_state)."""
 
 import numpy as np
 from mpi4py import MPI
 
 from distnn import model
-from distnn.state import TrainState, share_state
+from distnn.parallel import share_state
+from distnn.state import TrainState
 
 
 def test_steps_add_up_within_an_epoch_and_an_epoch_closes_with_its_record():

@@ -8,7 +8,8 @@ from distnn import model, optim
 from distnn.config import Config
 from distnn.exact import ExactGradients
 from distnn.evaluate import output_values
-from distnn.step import N_STATS, gradients, mean_gradients, train_step
+from distnn.state import N_STATS
+from distnn.step import gradients, mean_gradients, train_step
 
 CFG = Config(layers=(784, 12, 10), dtype="float32", momentum=0.9, nesterov=True,
              weight_decay=1e-3)
