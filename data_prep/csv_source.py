@@ -8,9 +8,8 @@ one-hot row of 10 values.
 import numpy as np
 
 from data_prep.idx import read_bytes
+from data_prep.schema import PIXELS
 from distnn.errors import UserError
-
-PIXELS = 784
 CLASSES = 10
 
 
