@@ -8,19 +8,13 @@ from distnn import model
 from distnn.parallel import agree, my_rows
 
 
-def task_labels(labels, positive_digit):
-    """The labels of the task trained: the digits, or 1 for ``positive_digit`` and 0 for
-    every other digit (one digit against the rest)."""
-    return labels if positive_digit is None else (labels == positive_digit).astype(np.int64)
-
-
 def share(data, split, positions, cfg, comm, dtype):
     """This rank's contiguous share of ``positions`` in ``split``: uint8 pixels
     (rows, 784) and targets in ``dtype``."""
     mine = my_rows(positions, comm)
     # a streamed read can find damaged or changed rows on one rank: all ranks end together
     images, labels = agree(comm, data.get, split, mine) if data.stream else data.get(split, mine)
-    return images, model.targets_for(task_labels(labels, cfg.positive_digit), len(images),
+    return images, model.targets_for(model.task_labels(labels, cfg.positive_digit), len(images),
                                       cfg.layers[-1], dtype)
 
 

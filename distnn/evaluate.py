@@ -1,9 +1,9 @@
-"""Scoring parameters on a split across ranks, and the output values behind it.
+"""Scoring parameters on a split across ranks.
 
 Each rank scores its contiguous share of the split; the per-row statistics
 are summed exactly (:class:`distnn.exact.ExactSum`), so the scores are the
-same bits for any rank count. Prediction (:mod:`distnn.predict`) uses the
-same :func:`output_values`.
+same bits for any rank count. The output values are
+:func:`distnn.model.output_values`, as prediction's (:mod:`distnn.predict`).
 """
 
 import numpy as np
@@ -13,17 +13,8 @@ from distnn.batch import share
 from distnn.errors import Diverged
 from distnn.exact import NonFiniteError
 
-EVAL_CHUNK = 2000  # rows evaluated at once: bounds memory; changes no bit
 N_EVAL_STATS = 3   # per evaluated row: correct, quadratic cost, cross-entropy
 SPLITS = ("val", "test")
-
-
-def output_values(params, images, activation, loss):
-    """Output values for uint8 images (n, 784), EVAL_CHUNK rows at a time: each row's
-    bits are its own, so this is bit for bit what evaluation scores."""
-    chunks = [model.forward_pass(params, images[i:i + EVAL_CHUNK], activation, loss,
-                                 pixels=True)[2] for i in range(0, len(images), EVAL_CHUNK)]
-    return np.concatenate(chunks) if chunks else np.zeros((0, params[-1][0].shape[1]))
 
 
 def eval_stats(y, T):
@@ -38,7 +29,7 @@ def evaluate(params, cfg, data, split, comm, reducer):
     if n == 0:
         return None
     pixels, T = share(data, split, np.arange(n), cfg, comm, np.float64)
-    y = output_values(params, pixels, cfg.activation, cfg.loss)
+    y = model.output_values(params, pixels, cfg.activation, cfg.loss)
     correct, quad, cross = reducer([eval_stats(y, T)], n)[0]
     return {"acc": correct / n, "quadratic_cost": quad / n, "cross_entropy": cross / n}
 

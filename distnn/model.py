@@ -26,6 +26,7 @@ HE_INIT = ("relu", "leaky_relu", "elu")
 CLIP = 1e-12  # keeps log() away from 0 in the cross-entropy metric
 PIXEL_BITS = 8         # pixels are the integers 0..255 ...
 PIXEL_SCALE = 1 / 255  # ... standing for their value times this: inputs in [0, 1]
+EVAL_CHUNK = 2000      # rows evaluated at once (output_values): bounds memory; changes no bit
 
 
 def init_params(layers, seed=0, activation="sigmoid", dtype=np.float32):
@@ -107,6 +108,20 @@ def forward(params, X, activation="sigmoid", loss="ce"):
     """Output values (probabilities for ``ce``), shape (N, K)."""
     X = check_inputs(params, X, activation, loss)
     return forward_pass(params, X, activation, loss)[2]
+
+
+def output_values(params, images, activation, loss):
+    """Output values for uint8 images (n, 784), EVAL_CHUNK rows at a time: each row's
+    bits are its own, so evaluation and prediction give the same bits."""
+    chunks = [forward_pass(params, images[i:i + EVAL_CHUNK], activation, loss,
+                           pixels=True)[2] for i in range(0, len(images), EVAL_CHUNK)]
+    return np.concatenate(chunks) if chunks else np.zeros((0, params[-1][0].shape[1]))
+
+
+def task_labels(labels, positive_digit):
+    """The labels of the task trained: the digits, or 1 for ``positive_digit`` and 0 for
+    every other digit (one digit against the rest)."""
+    return labels if positive_digit is None else (labels == positive_digit).astype(np.int64)
 
 
 def targets_for(targets, n, k, dtype):

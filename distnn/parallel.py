@@ -121,6 +121,12 @@ def agree(comm, fn, *args):
     return result
 
 
+def on_rank0(comm, fn, *args):
+    """``fn(*args)`` on rank 0 (its writes), agreed: when it fails (an OutputError for a
+    file that cannot be written), every rank ends with its error. Returns rank 0's result."""
+    return comm.bcast(agree(comm, lambda: fn(*args) if comm.rank == 0 else None), root=0)
+
+
 def raise_agreed(failures):
     """Raise the first rank's failure of ``failures`` (one (kind, message) per rank, None
     for no failure) as an agreed CleanExit, naming the rank unless it is rank 0 or every

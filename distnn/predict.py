@@ -27,11 +27,9 @@ import numpy as np
 from data_prep.csv_source import read_csv_images
 from data_prep.schema import IMAGE_SHAPE, PIXELS
 from distnn import model
-from distnn.batch import task_labels
 from distnn.config import DEFAULT_DATA
 from distnn.data import Dataset
 from distnn.errors import OutputError, UserError, cli
-from distnn.evaluate import output_values
 from distnn.plot import need_matplotlib, save_png
 from distnn.rng import Stream
 from distnn.files import write_whole
@@ -197,7 +195,7 @@ def run(args):
         raise UserError(f"{model_path}: the model takes {layers[0]} inputs, but the images have "
                         f"{PIXELS} pixels (28x28)")
     images, labels, files = load_inputs(args)
-    values = output_values(params, images, attrs["activation"], attrs["loss"])
+    values = model.output_values(params, images, attrs["activation"], attrs["loss"])
     digit, guesses = attrs["positive_digit"], model.guess(values)
     if digit is None:
         if labels is not None and labels.max() >= layers[-1]:
@@ -210,7 +208,7 @@ def run(args):
         names = [f"not {digit}", str(digit)]
         captions = None if labels is None else [
             str(d) if d == digit else f"{d} (not {digit})" for d in labels]
-        labels = None if labels is None else task_labels(labels, digit)
+        labels = None if labels is None else model.task_labels(labels, digit)
     out = Path(args.out) if args.out else model_path.parent / "predictions.csv.gz"
     write_predictions(out, guesses, values, args.probabilities)
     lines = [f"wrote {len(guesses)} predictions to {out}"]

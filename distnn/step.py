@@ -32,20 +32,22 @@ def train_stats(cfg, z, y, T):
 
 
 def mean_gradients(sums, params, columns, n_rows):
-    """The exact sums of :class:`distnn.exact.ExactGradients` as the mean over the
-    batch's ``n_rows``, in the parameters' dtype: one rounding each.
+    """The exact sums of :class:`distnn.exact.ExactGradients` (float64, overwritten) as
+    the mean over the batch's ``n_rows``, in the parameters' dtype: one rounding each.
 
     The first layer's inputs were the integer pixels, which stand for their value
     times ``model.PIXEL_SCALE``; the rows of the unused ``columns`` are 0 exactly.
     """
     (W0, _), dtype = params[0], params[0][0].dtype
     grads = []
-    for l, (w_sum, b_sum) in enumerate(sums):
-        gW = np.multiply(w_sum, (model.PIXEL_SCALE if l == 0 else 1) / n_rows)
+    for l, (w_sum, b_sum) in enumerate(sums):  # the sums are scaled in place
+        np.multiply(w_sum, (model.PIXEL_SCALE if l == 0 else 1) / n_rows, out=w_sum)
         if l == 0:
-            gW, narrow = np.zeros_like(W0), gW
-            gW[columns] = narrow
-        grads.append((gW.astype(dtype, copy=False), np.multiply(b_sum, 1 / n_rows).astype(dtype)))
+            gW = np.zeros_like(W0)
+            gW[columns] = w_sum
+        else:
+            gW = w_sum.astype(dtype, copy=False)
+        grads.append((gW, np.multiply(b_sum, 1 / n_rows, out=b_sum).astype(dtype, copy=False)))
     return grads
 
 

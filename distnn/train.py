@@ -33,9 +33,6 @@ from distnn.step import Stepper
 from distnn.stop import REQUEST
 from distnn.timing import PHASES
 
-PROG = TRAIN
-
-
 def run(cfg, comm=MPI.COMM_SELF, stop=None):
     """Train with ``cfg`` on ``comm``; return (params, summary). Rank 0 claims and writes
     ``cfg.out`` (a new ``runs/<timestamp>`` when empty) and, unless ``cfg.quiet``, prints
@@ -76,7 +73,7 @@ def train(cfg, comm, data, params, folder, stop):
             state.history.append({"epoch": 0, "step": 0, "ranks": comm.size, "elapsed_s": 0.0,
                                   **evaluation(0, state.params, cfg, data, comm, scorer)})
         files = rundir.RunFiles(cfg.out, cfg.to_json(), data.fingerprint, cfg.keep)
-        on_rank0(comm, files.start, state.history)
+        parallel.on_rank0(comm, files.start, state.history)
     except BaseException:
         if folder:
             folder.discard()  # failed before its first step: leave no trace of a new folder
@@ -89,7 +86,7 @@ def train(cfg, comm, data, params, folder, stop):
                    "test_acc": record.get("test_acc"),
                    "samples_per_s": samples_per_s or record.get("samples_per_s"),
                    "wall_s": clock.session()}
-        on_rank0(comm, files.finish, state.params, cfg, summary)
+        parallel.on_rank0(comm, files.finish, state.params, cfg, summary)
     except OutputError as exc:
         raise OutputError(f"{exc}; the checkpoints written so far are intact: continue with "
                           f"--resume --out {cfg.out} once it can be written",
@@ -138,7 +135,7 @@ def train_steps(cfg, comm, data, state, files, scorer, stop):
         # that epoch's record (the same numbers as before) closes the run again
         record = {**epoch_record(state, comm, rate, None, 0.0, 0), "elapsed_s": state.elapsed_s,
                   **evaluation(state.step, state.params, cfg, data, comm, scorer)}
-        on_rank0(comm, files.metrics.append, record)
+        parallel.on_rank0(comm, files.metrics.append, record)
     return record, (trained / train_seconds if trained else None), clock
 
 
@@ -164,7 +161,7 @@ def end_epoch(cfg, comm, data, state, files, scorer, clock, progress, record, fi
     parallel.check_replicas(comm, state.params + state.velocity, f"after step {state.step}")
     record.update(evaluation(state.step, state.params, cfg, data, comm, scorer),
                   elapsed_s=clock.elapsed())
-    on_rank0(comm, files.metrics.append, record)
+    parallel.on_rank0(comm, files.metrics.append, record)
     if comm.rank == 0 and not cfg.quiet:
         progress.write(log_line(record, cfg))
 
@@ -190,7 +187,7 @@ def begin(cfg, comm, data, state, steps_per_epoch):
     total = min(total, cfg.max_steps) if cfg.max_steps else total
     progress = Progress(total, cfg.log_every, cfg.quiet, enabled=comm.rank == 0, start=state.step)
     if comm.rank == 0 and not cfg.quiet:
-        print(f"{PROG}: {comm.size} rank{'s' if comm.size > 1 else ''}, {data.size('train')} "
+        print(f"{TRAIN}: {comm.size} rank{'s' if comm.size > 1 else ''}, {data.size('train')} "
               f"training / {data.size('val')} validation / {data.size('test')} test images\n"
               f"{cfg.describe()}", flush=True)
         if state.step == 0:
@@ -221,7 +218,7 @@ def save_checkpoint(comm, state, files, clock):
     returns the checkpoint's path."""
     check_finite(state)
     state.elapsed_s = clock.elapsed()
-    return on_rank0(comm, files.save_checkpoint, state)
+    return parallel.on_rank0(comm, files.save_checkpoint, state)
 
 
 def stop_now(cfg, comm, state, files, clock, signum):
@@ -246,12 +243,6 @@ def log_line(record, cfg):
         return head + f"initial parameters{evals}"
     return (head + f"loss {record['train_loss']:.4f}  train_acc {record['train_acc']:.4f}{evals}  "
             f"{record['samples_per_s']:.0f} samples/s")
-
-
-def on_rank0(comm, fn, *args):
-    """``fn(*args)`` on rank 0 (its writes), agreed: when it fails (an OutputError for a
-    file that cannot be written), every rank ends with its error. Returns rank 0's result."""
-    return comm.bcast(parallel.agree(comm, lambda: fn(*args) if comm.rank == 0 else None), root=0)
 
 
 def parse(argv, comm):
@@ -290,10 +281,10 @@ def main(argv=None):
         _, summary = run(cfg, comm, stop=stop)
         if comm.rank == 0:
             acc = "" if summary["test_acc"] is None else f"test_acc {summary['test_acc']:.4f}  "
-            print(f"{PROG}: done: {acc}params_sha256 {summary['params_sha256']}  -> {cfg.out}",
+            print(f"{TRAIN}: done: {acc}params_sha256 {summary['params_sha256']}  -> {cfg.out}",
                   flush=True)
 
-    parallel.finish(comm, PROG, parallel.run_or_abort(comm, PROG, go), stop)
+    parallel.finish(comm, TRAIN, parallel.run_or_abort(comm, TRAIN, go), stop)
 
 
 if __name__ == "__main__":

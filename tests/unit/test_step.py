@@ -7,7 +7,6 @@ import pytest
 from distnn import model, optim
 from distnn.config import Config
 from distnn.exact import ExactGradients
-from distnn.evaluate import output_values
 from distnn.state import N_STATS
 from distnn.step import gradients, mean_gradients, train_step
 
@@ -66,9 +65,9 @@ def test_a_step_is_its_gradient_then_the_update():
 @pytest.mark.parametrize("rows", [1, 7])
 def test_a_rows_outputs_do_not_depend_on_the_rows_beside_it(rows):
     pixels, _ = batch(3, rows=20)
-    together = output_values(params(), pixels, CFG.activation, CFG.loss)
+    together = model.output_values(params(), pixels, CFG.activation, CFG.loss)
     for i in range(0, 20, rows):
-        alone = output_values(params(), pixels[i:i + rows], CFG.activation, CFG.loss)
+        alone = model.output_values(params(), pixels[i:i + rows], CFG.activation, CFG.loss)
         assert np.array_equal(alone, together[i:i + rows])
 
 
@@ -78,7 +77,7 @@ def test_mean_gradients_round_the_exact_sums_once_into_the_parameters_dtype():
     rng = np.random.default_rng(4)
     sums = [(rng.normal(size=(3, 12)) * 1e3, rng.normal(size=12)),
             (rng.normal(size=(12, 10)), rng.normal(size=10))]
-    grads = mean_gradients(sums, p, columns, 24)
+    grads = mean_gradients([(w.copy(), b.copy()) for w, b in sums], p, columns, 24)
     gW0 = grads[0][0]
     assert gW0.shape == (784, 12) and gW0.dtype == np.float32
     assert np.array_equal(gW0[columns], (sums[0][0] * ((1 / 255) / 24)).astype(np.float32))
