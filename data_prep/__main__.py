@@ -13,14 +13,14 @@ from data_prep import BUNDLED_DIR, IDX_NAMES, schema
 from data_prep.csv_source import read_csv_images, read_csv_labels
 from data_prep.download import MIRRORS, download
 from data_prep.idx import find_idx, read_images, read_labels, sha256_hex
-from distnn.errors import UserError, cli
+from distnn.errors import Parser, UserError, cli
 
 DEFAULT_OUT = Path("data") / "mnist.h5"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m data_prep", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT,
                    help="HDF5 file to write (default: data/mnist.h5, relative to the working directory)")
     p.add_argument("--source", type=Path, default=BUNDLED_DIR,
@@ -98,8 +98,7 @@ def prepare(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    return cli("data_prep", lambda: prepare(args), UserError)  # bad input: one line, exit 2
+    return cli("data_prep", lambda: prepare(parse_args(argv)), UserError)  # bad input: one line, exit 2
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ from distnn.bench_loops import (NoNetwork, batch_rows, exact_step_loop, gemm_rat
                                 plain_step_loop, window_seconds)
 from distnn.config import DEFAULT_DATA, Config
 from distnn.data import Dataset
+from distnn.errors import Parser, UserError
 from distnn.exact import ExactGradients
 from distnn.parallel import SignalAgreement
 from distnn.state import N_STATS
@@ -70,8 +71,8 @@ SIGNAL_BYTES = SignalAgreement(MPI.COMM_SELF).agreed.nbytes  # the stop signal's
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m distnn.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m distnn.bench", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=DEFAULT_DATA, help="prepared HDF5 file (default data/mnist.h5)")
     p.add_argument("--layers", default="784,256,10", help="layer widths (default 784,256,10)")
     p.add_argument("--batch-size", type=int, default=256, help="global batch size (default 256)")
@@ -292,13 +293,15 @@ def markdown(report):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+        if not args.worker and not Path(args.out).resolve().parent.is_dir():  # now, not later
+            raise UserError(f"--out {args.out}: the folder {Path(args.out).parent} does not exist")
+    except UserError as exc:
+        print(f"distnn.bench: error: {exc}", file=sys.stderr)
+        return 2
     if args.worker:
         return worker(args)
-    if not Path(args.out).resolve().parent.is_dir():  # say so now, not after the whole run
-        print(f"distnn.bench: error: --out {args.out}: the folder {Path(args.out).parent} "
-              "does not exist", file=sys.stderr)
-        return 2
     threadpool_limits(limits=1, user_api="blas")
     cfg = config_of(args)
     data = Dataset(cfg.data, val_size=0)

@@ -10,7 +10,7 @@ import numpy as np
 
 from data_prep.schema import PIXELS
 from distnn import activations, losses, schedule
-from distnn.errors import UserError
+from distnn.errors import Parser, UserError
 
 DEFAULT_DATA = "data/mnist.h5"
 DTYPES = ("float32", "float64")
@@ -96,13 +96,6 @@ def _layers(text):
     if len(widths) < 2 or min(widths) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: need at least two positive widths")
     return widths
-
-
-class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose mistakes are one-line UserErrors (so all ranks can agree)."""
-
-    def error(self, message):
-        raise UserError(f"{message} (see --help)")
 
 
 def build_parser():

@@ -7,6 +7,7 @@ error); 75 stopped by SIGTERM/SIGUSR1 after writing a checkpoint (resume with
 --resume).
 """
 
+import argparse
 import sys
 
 TRAIN = "distnn.train"  # the trainer's name in its messages
@@ -17,9 +18,19 @@ def warn(message):
     print(f"{TRAIN}: warning: {message}", file=sys.stderr, flush=True)
 
 
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose mistakes are one-line UserErrors (so all ranks can agree,
+    and every tool reports them like any other bad input)."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
+
+
 def cli(prog, action, errors):
     """Print ``action()``'s result and return 0; an ``errors`` exception becomes one
-    line on stderr and exit code 2 (the tools besides the trainer)."""
+    line on stderr and exit code 2 (the tools besides the trainer). ``action`` parses
+    its flags itself, so a mistake in them (a UserError from :class:`Parser`) is one
+    line too."""
     try:
         print(action())
     except errors as exc:

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from distnn import rundir
-from distnn.errors import UserError, cli
+from distnn.errors import Parser, UserError, cli
 from distnn.files import atomic_write, reason
 
 COSTS = (("quadratic_cost", "quadratic cost"), ("cross_entropy", "cross-entropy cost"))
@@ -186,9 +186,9 @@ def save_png(fig, path):
         plt.close(fig)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m distnn.plot", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv):
+    p = Parser(prog="python -m distnn.plot", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", type=Path, help="run folders (each with metrics.jsonl)")
     p.add_argument("--out", type=Path,
                    help="PNG to write (default: RUN_DIR/curves.png for one run, "
@@ -196,9 +196,16 @@ def main(argv=None):
     p.add_argument("--target", type=float, default=TARGET, metavar="ACC",
                    help=f"accuracy marked by a dashed line on the accuracy and error panels "
                         f"(default {TARGET}, i.e. {error_pct(TARGET):g} %% error; 0: none)")
-    args = p.parse_args(argv)
-    out = args.out or (args.runs[0] / "curves.png" if len(args.runs) == 1 else Path("comparison.png"))
-    return cli("distnn.plot", lambda: f"wrote {plot(args.runs, out, args.target)}", UserError)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    def action():
+        args = parse_args(argv)
+        out = args.out or (args.runs[0] / "curves.png" if len(args.runs) == 1
+                           else Path("comparison.png"))
+        return f"wrote {plot(args.runs, out, args.target)}"
+    return cli("distnn.plot", action, UserError)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from data_prep.schema import IMAGE_SHAPE, PIXELS
 from distnn import model
 from distnn.config import DEFAULT_DATA
 from distnn.data import Dataset
-from distnn.errors import OutputError, UserError, cli
+from distnn.errors import OutputError, Parser, UserError, cli
 from distnn.plot import need_matplotlib, save_png
 from distnn.rng import Stream
 from distnn.files import write_whole
@@ -238,9 +238,9 @@ def non_negative(text):
     return value
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m distnn.predict", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv):
+    p = Parser(prog="python -m distnn.predict", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a model.h5 written by distnn.train")
     p.add_argument("--data", default=DEFAULT_DATA, help="prepared HDF5 file whose test set to predict")
     p.add_argument("--images", nargs="+", metavar="FILE", help="28x28 PNG or PGM images to predict")
@@ -254,8 +254,11 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="which digits --show picks (default 0)")
     p.add_argument("--no-invert", dest="invert", action="store_const", const="no", default="auto",
                    help="do not invert images with a light background")
-    args = p.parse_args(argv)
-    return cli("distnn.predict", lambda: run(args), (UserError, OutputError, OSError))
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    return cli("distnn.predict", lambda: run(parse_args(argv)), (UserError, OutputError, OSError))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from distnn import config, rundir
-from distnn.errors import UserError, cli
+from distnn.errors import Parser, UserError, cli
 from distnn.files import reason
 
 HOME = Path(__file__).resolve().parents[1]
@@ -51,13 +51,6 @@ SETTINGS = (
     ("decay_factor", float, "GAMMA,...", "decay factors (--schedule step), each 0 < GAMMA <= 1"),
 )
 
-
-
-class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose mistakes are one-line SweepErrors."""
-
-    def error(self, message):
-        raise UserError(f"{message} (see --help)")
 
 
 def listed(kind):

@@ -5,6 +5,8 @@ rank); tests/test_train.py launches two of them to see every rank end with
 exit 2 and nothing written.
 """
 
+import importlib
+
 import pytest
 from mpi4py import MPI
 
@@ -56,3 +58,12 @@ def test_good_settings_parse_to_the_config():
     cfg = train.parse(["--data", "d.h5", "--momentum", "0.5", "--schedule", "step",
                        "--decay-every", "2"], MPI.COMM_SELF)
     assert isinstance(cfg, Config) and cfg.momentum == 0.5 and cfg.decay_every == 2
+
+
+@pytest.mark.parametrize("module", ["data_prep.__main__", "distnn.plot", "distnn.predict",
+                                    "distnn.bench", "launch.sweep"])
+def test_every_tools_flag_mistake_is_one_line_and_exit_2(module, capsys):
+    main = importlib.import_module(module).main
+    assert main(["--bogus"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error:" in err and "usage" not in err
