@@ -34,10 +34,7 @@ class Dataset:
 
     def __init__(self, path, train_limit=0, val_size=0, seed=0, stream=False):
         self.path = Path(path)
-        try:
-            self.file_sizes = schema.check(self.path)
-        except UserError as exc:
-            raise UserError(str(exc)) from None
+        self.file_sizes = schema.check(self.path)
         available = self.file_sizes["train"]
         if available == 0:
             raise UserError(f"{self.path}: holds no training images")

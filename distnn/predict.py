@@ -111,11 +111,7 @@ def load_inputs(args):
         images = np.stack([read_image(p, args.invert) for p in args.images])
         return images, None, [str(p) for p in args.images]
     if args.csv:
-        try:
-            images = read_csv_images(args.csv)[0]
-        except UserError as exc:
-            raise UserError(str(exc)) from None
-        return images, None, None
+        return read_csv_images(args.csv)[0], None, None
     data = Dataset(args.data, stream=True)  # reads (and checks) only the test rows
     try:
         images, labels = data.get("test", np.arange(data.size("test")))

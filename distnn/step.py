@@ -32,22 +32,25 @@ def train_stats(cfg, z, y, T):
 
 
 def mean_gradients(sums, params, columns, n_rows):
-    """The exact sums of :class:`distnn.exact.ExactGradients` (float64, overwritten) as
-    the mean over the batch's ``n_rows``, in the parameters' dtype: one rounding each.
+    """The exact sums of :class:`distnn.exact.ExactGradients` (float64; the first layer's
+    is overwritten) as the mean over the batch's ``n_rows``, in the parameters' dtype:
+    one rounding each.
 
     The first layer's inputs were the integer pixels, which stand for their value
     times ``model.PIXEL_SCALE``; the rows of the unused ``columns`` are 0 exactly.
     """
     (W0, _), dtype = params[0], params[0][0].dtype
+
+    def mean(total, factor):  # one float64 multiply, stored in the dtype: one pass
+        return np.multiply(total, factor, out=np.empty(total.shape, dtype), casting="unsafe")
     grads = []
-    for l, (w_sum, b_sum) in enumerate(sums):  # the sums are scaled in place
-        np.multiply(w_sum, (model.PIXEL_SCALE if l == 0 else 1) / n_rows, out=w_sum)
+    for l, (w_sum, b_sum) in enumerate(sums):
         if l == 0:
             gW = np.zeros_like(W0)
-            gW[columns] = w_sum
+            gW[columns] = np.multiply(w_sum, model.PIXEL_SCALE / n_rows, out=w_sum)
         else:
-            gW = w_sum.astype(dtype, copy=False)
-        grads.append((gW, np.multiply(b_sum, 1 / n_rows, out=b_sum).astype(dtype, copy=False)))
+            gW = mean(w_sum, 1 / n_rows)
+        grads.append((gW, mean(b_sum, 1 / n_rows)))
     return grads
 
 

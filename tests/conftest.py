@@ -32,9 +32,9 @@ def mnist_h5(tmp_path_factory):
 
 
 def find_mpirun():
-    """mpirun beside this Python (the mpich wheel's) or else on PATH."""
-    here = Path(sys.executable).parent / "mpirun"
-    return str(here) if here.exists() else shutil.which("mpirun")
+    """The launcher distnn's tools use (:func:`distnn.allreduce_bench.mpirun`) as a path,
+    or None when there is none."""
+    return shutil.which(allreduce_bench.mpirun())
 
 
 @pytest.fixture(scope="session")

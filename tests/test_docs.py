@@ -16,7 +16,8 @@ import pytest
 from distnn import config
 from distnn.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
+
 README = ROOT / "README.md"
 PAGES = [README] + sorted((ROOT / "docs").glob("*.md"))
 MODULES = ("distnn.train", "distnn.plot", "distnn.predict", "distnn.bench",

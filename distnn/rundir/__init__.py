@@ -31,6 +31,7 @@ METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 MODEL = "model.h5"
 SUMMARY = "summary.json"
+RUN_FILES = (SUMMARY, METRICS, CHECKPOINTS)  # any of them: the folder holds a run
 
 
 class RunFiles:
@@ -87,8 +88,8 @@ def read_summary(folder):
 
 
 def started(folder):
-    """Whether a run began in ``folder`` (it has checkpoints or metrics)."""
-    return any((Path(folder) / name).exists() for name in (CHECKPOINTS, METRICS))
+    """Whether a run began in ``folder`` (it has any of :data:`RUN_FILES`)."""
+    return any((Path(folder) / name).exists() for name in RUN_FILES)
 
 
 def resume_state(cfg, fingerprint):

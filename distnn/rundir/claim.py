@@ -24,10 +24,9 @@ import socket
 from pathlib import Path
 
 from distnn.errors import UserError, warn
-from distnn.rundir import CHECKPOINTS, CONFIG, LOCK, METRICS, MODEL, SUMMARY
+from distnn.rundir import CHECKPOINTS, CONFIG, LOCK, METRICS, MODEL, SUMMARY, started
 from distnn.files import reason
 
-RUN_FILES = (SUMMARY, METRICS, CHECKPOINTS)
 # temporary files of distnn.train's own writes (files.atomic_write names them
 # .<name>.<random>.tmp); other programs' temporary files in the folder are left alone
 LEFTOVERS = [f".{name}.*.tmp" for name in (MODEL, SUMMARY, CONFIG, METRICS)] + \
@@ -62,8 +61,7 @@ def claim(out, resume):
     folder = RunFolder(path, created, None)
     try:
         folder.lock_fd = lock(path)
-        held = [n for n in RUN_FILES if (path / n).exists()]
-        if held and not resume:
+        if started(path) and not resume:
             raise UserError(f"--out {shown(path)}: already holds a run; add --resume to continue "
                             "it or choose another folder")
         checkpoints = path / CHECKPOINTS
