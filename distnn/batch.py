@@ -5,6 +5,7 @@ import numpy as np
 from mpi4py import MPI
 
 from distnn import model
+from distnn.compiled import kernel
 from distnn.parallel import agree, my_rows
 
 
@@ -48,3 +49,20 @@ class BatchColumns:
         np.any(pixels, axis=0, out=self.local.view(bool))
         self.comm.Allreduce(self.local, self.union, op=MPI.BOR)
         return np.flatnonzero(self.union)
+
+
+@kernel
+def _pixel_columns_kernel(pixels, columns, out):
+    """pixel_columns into ``out``, one row at a time."""
+    for i in range(pixels.shape[0]):
+        for k in range(columns.size):
+            out[i, k] = pixels[i, columns[k]]
+
+
+def pixel_columns(pixels, columns):
+    """The ``columns`` of uint8 ``pixels`` as float64: the first layer's integer input."""
+    if _pixel_columns_kernel is None:
+        return pixels[:, columns].astype(np.float64)
+    out = np.empty((len(pixels), len(columns)))
+    _pixel_columns_kernel(np.ascontiguousarray(pixels), np.asarray(columns, np.int64), out)
+    return out

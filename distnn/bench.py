@@ -31,7 +31,17 @@ For one configuration (default 784-256-10 sigmoid/softmax, batch 256, float32) i
   per-row, plus each Allreduce's alpha-beta time for the algorithm MPICH uses
   at its size on 10, 25 and 100 Gb/s networks (``--networks``, ``--latency-us``):
   modelled step time and scaling efficiency at the configured batch, and the
-  smallest batch reaching ``--target`` efficiency.
+  smallest batch reaching ``--target`` efficiency;
+- for the default recipe, distnn beside PyTorch (:mod:`distnn.bench_compare`):
+  PyTorch's samples/s in one process and under DDP over gloo at the measured
+  rank counts that fit the cores, and the training seconds until the test
+  accuracy first reaches 98 %, distnn's default run (as the README starts it)
+  and PyTorch's with the same recipe alternating (``--torch``,
+  ``--accuracy-rounds``; PyTorch is skipped with the reason when absent).
+
+The step runs distnn's compiled twins where numba is installed
+(:mod:`distnn.compiled`; ``DISTNN_KERNELS=numpy`` for the reference alone); the
+table's first line names the path.
 
 Throughput comes from windows of ``--window`` steps: samples per window over
 the median window time of all repetitions (after a warm-up), so windows slowed
@@ -56,7 +66,7 @@ import numpy as np
 from mpi4py import MPI
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from distnn import allreduce_bench
+from distnn import allreduce_bench, bench_compare, compiled, model
 from distnn import scaling as netmodel
 from distnn.bench_loops import (NoNetwork, batch_rows, exact_step_loop, gemm_rate,
                                 plain_step_loop, window_seconds)
@@ -98,6 +108,13 @@ def parse_args(argv=None):
                         "over Ethernet, kernel stacks on both ends and one switch)")
     p.add_argument("--target", type=float, default=0.8,
                    help="scaling efficiency for which the model finds the smallest batch (default 0.8)")
+    p.add_argument("--torch", default="auto", metavar="{auto,off,PYTHON}",
+                   help="PyTorch beside distnn: this interpreter if it imports torch (auto, the "
+                        "default), another interpreter that does (a virtual environment's "
+                        "python), or off")
+    p.add_argument("--accuracy-rounds", type=int, default=1,
+                   help="rounds of the time-to-accuracy runs of the default recipe, distnn's "
+                        "and PyTorch's alternating (default 1; 0: none)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--stream", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--independent", action="store_true", help=argparse.SUPPRESS)
@@ -110,6 +127,8 @@ def parse_args(argv=None):
         p.error("--model-ranks and --networks take comma-separated numbers")
     if min(ranks) < 1 or min(gbps) <= 0 or args.latency_us < 0 or args.calls < 1:
         p.error("--model-ranks, --networks and --calls must be positive, --latency-us not negative")
+    if args.accuracy_rounds < 0:
+        p.error("--accuracy-rounds cannot be negative")
     if not 0 < args.target < 1:
         p.error("--target is an efficiency between 0 and 1")
     return args
@@ -255,14 +274,15 @@ def machine():
     blas = next((f"{i.get('internal_api')} {i.get('version')} ({i.get('architecture')})"
                  for i in threadpool_info() if i.get("user_api") == "blas"), "unknown")
     return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
-            "numpy": np.__version__, "blas": blas, "mpi": MPI.Get_library_version().splitlines()[0]}
+            "numpy": np.__version__, "blas": blas, "mpi": MPI.Get_library_version().splitlines()[0],
+            "kernels": compiled.ACTIVE}
 
 
 def markdown(report):
     cfg, m = report["config"], report["machine"]
     fan_in, fan_out = cfg["layers"].split(",")[:2]
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores; Python {m['python']}, numpy {m['numpy']}, "
-             f"{m['blas']}; {m['mpi']}. One BLAS thread per process.",
+             f"{m['blas']}; {m['mpi']}; {m['kernels']} kernels. One BLAS thread per process.",
              f"Network {cfg['layers']}, batch {cfg['batch_size']}, "
              f"{cfg['dtype']}; {cfg['repeats']} repetitions of {cfg['steps']} steps after a "
              f"warm-up; samples/s from the median {report['window']}-step window.",
@@ -292,11 +312,40 @@ def markdown(report):
             + netmodel.markdown(report["allreduce"], report["model"], cfg["batch_size"]))
 
 
+def compare(args, data, report, torch):
+    """distnn beside PyTorch (:mod:`distnn.bench_compare`) at the measured rank counts
+    that fit the cores, ``torch`` being :func:`distnn.bench_compare.torch_python`'s
+    answer; the Markdown section, and the figures in ``report``."""
+    cores = report["machine"]["cores"]
+    processes = sorted({r["ranks"] for r in report["runs"] if r["ranks"] <= cores})
+    if not args.accuracy_rounds or args.layers != "784,256,10" or args.batch_size != 256 \
+            or args.dtype != "float32":
+        return ""  # the comparison is of the default recipe only
+    python, skipped = torch
+    recipe = {k: getattr(Config, k) for k in ("lr", "momentum", "schedule", "warmup",
+                                               "decay_every", "decay_factor", "epochs",
+                                               "batch_size")}
+    recipe.update(steps=args.steps, window=window_of(args), repeats=args.repeats, target=0.98)
+    with tempfile.TemporaryDirectory() as tmp:
+        npz = Path(tmp) / "mnist.npz"
+        default = Dataset(args.data, val_size=Config.val_size, seed=Config.seed)
+        bench_compare.write_data(npz, default, model.init_params(Config.layers, Config.seed))
+        default.close()
+        report["compare"] = bench_compare.side_by_side(
+            python, allreduce_bench.mpirun(), args.data, npz, recipe, processes,
+            args.accuracy_rounds)
+    report["compare"]["pytorch_skipped"] = skipped
+    ours = {r["ranks"]: r["samples_per_s"] for r in report["runs"]
+            if not r["stream"] and not r.get("independent")}
+    return bench_compare.markdown(report["compare"], ours, skipped)
+
+
 def main(argv=None):
     try:
         args = parse_args(argv)
         if not args.worker and not Path(args.out).resolve().parent.is_dir():  # now, not later
             raise UserError(f"--out {args.out}: the folder {Path(args.out).parent} does not exist")
+        torch = None if args.worker else bench_compare.torch_python(args.torch)
     except UserError as exc:
         print(f"distnn.bench: error: {exc}", file=sys.stderr)
         return 2
@@ -340,7 +389,7 @@ def main(argv=None):
     report["allreduce"] = allreduce_bench.measure(grad_count, agree.size, args.calls, args.repeats, args.tcp)
     report["model"] = model_report(args, cfg, local_ms, messages, data.size("train"))
     report["model"]["check_p2"] = check_at_two(report, local_ms)
-    table = markdown(report)
+    table = markdown(report) + compare(args, data, report, torch)
     Path(f"{args.out}.json").write_text(json.dumps(report, indent=2) + "\n")
     Path(f"{args.out}.md").write_text(table)
     print(table + f"\nwrote {args.out}.json and {args.out}.md")

@@ -29,6 +29,7 @@ import numpy as np
 from mpi4py import MPI
 
 from distnn import model, products
+from distnn.compiled import flat, kernel
 
 EMPTY = -(2**40)  # exponent of a part with no nonzero values on this rank
 MIN_EXP = products.MIN_EXP  # parts below 2**-900 count as zero (keeps 2**shift finite)
@@ -45,22 +46,33 @@ def headroom_bits(total_rows):
 
 def exponent(x):
     """e with max|x| < 2**e (EMPTY for all zeros); raises NonFiniteError on NaN/inf."""
-    peak = max(float(x.max()), -float(x.min())) if x.size else 0.0  # no |x| temporary
+    peak = float(products.abs_peaks(x.reshape(1, -1), 1)[0]) if x.size else 0.0
     if not np.isfinite(peak):
         raise NonFiniteError("a NaN or infinity appeared in the loss or gradients")
     return max(int(np.frexp(peak)[1]), MIN_EXP) if peak > 0 else EMPTY
 
 
-def off_grid(total, shift):
+def off_grid(total, shift, out=None):
     """total * 2**-shift, exactly (a power of two): one multiply, unless 2**-shift would
-    leave float64's range."""
+    leave float64's range (``out``: where to write it, as numpy's)."""
     if abs(shift) < 900:
-        return np.multiply(total, 2.0 ** -shift)
-    return np.ldexp(total, -shift)
+        return np.multiply(total, 2.0 ** -shift, out=out)
+    return np.ldexp(total, -shift, out=out)
+
+
+@kernel
+def _on_grid_kernel(x, scale, out):
+    """on_grid of 1-d ``x`` into ``out``, one element at a time."""
+    for i in range(x.size):
+        out[i] = np.rint(np.float64(x[i]) * scale)
 
 
 def on_grid(x, shift):
     """round(x * 2**shift) as integer-valued float64."""
+    if _on_grid_kernel:
+        grid = np.empty(x.shape)
+        _on_grid_kernel(flat(x), 2.0 ** shift, grid.reshape(-1))
+        return grid
     grid = np.multiply(x, 2.0 ** shift, dtype=np.float64)
     return np.rint(grid, out=grid)
 
@@ -145,7 +157,8 @@ class ExactGradients:
         pixels, only the ``first_rows`` columns if given), ``deltas[l]`` (rows,
         fan_out) its dLoss/dz, ``stats`` (rows, n). Returns ([(sum a^T d, sum d)
         per layer], stat sums), all float64 and exact to their grids; the first
-        weight sum has one row per ``first_rows`` entry (all rows if None).
+        weight sum has one row per ``first_rows`` entry (all rows if None). The
+        gradient sums are views of this object's buffer, valid until its next call.
         """
         n_layers = len(self.shapes)
         exps = self.agree(list(inputs[1:]) + list(deltas) + [stats])
@@ -171,6 +184,7 @@ class ExactGradients:
         stat_shift = bits - stat_exp
         self.stat_sums[:] = on_grid(stats, stat_shift).sum(axis=0)
         self.comm.Allreduce(MPI.IN_PLACE, self.buffer[:w0_end], op=MPI.SUM)
-        sums = [(off_grid(weight_sums[l], w_shift), off_grid(self.bias_sums[l], b_shift))
+        sums = [(off_grid(weight_sums[l], w_shift, out=weight_sums[l]),  # in the buffer
+                 off_grid(self.bias_sums[l], b_shift, out=self.bias_sums[l]))
                 for l, (w_shift, b_shift) in enumerate(shifts)]
         return sums, off_grid(self.stat_sums, stat_shift)

@@ -24,6 +24,8 @@ import math
 
 import numpy as np
 
+from distnn.compiled import flat, kernel
+
 LN2_HI = float.fromhex("0x1.62e42fee00000p-1")  # fdlibm: n * LN2_HI is exact for |n| < 2**11
 LN2_LO = float.fromhex("0x1.a39ef35793c76p-33")
 INV_LN2 = float.fromhex("0x1.71547652b82fep+0")
@@ -141,9 +143,11 @@ def _sigmoid(x, single):
 
 
 F32 = np.float32
-EXPF = {name: F32(value) for name, value in (  # fdlibm e_expf.c, as decimal literals
-    ("ln2_hi", "6.9314575195e-01"), ("ln2_lo", "1.4286067653e-06"),
-    ("inv_ln2", "1.4426950216e+00"), ("p1", "1.6666625440e-01"), ("p2", "-2.7667332906e-03"))}
+# fdlibm e_expf.c, as decimal literals
+EXPF_LN2_HI, EXPF_LN2_LO, EXPF_INV_LN2 = F32("6.9314575195e-01"), F32("1.4286067653e-06"), \
+    F32("1.4426950216e+00")
+EXPF_P1, EXPF_P2 = F32("1.6666625440e-01"), F32("-2.7667332906e-03")
+TWO_M64 = F32(2.0 ** -64)
 
 
 def _sigmoid32(x, single=True):
@@ -153,13 +157,13 @@ def _sigmoid32(x, single=True):
     t = np.abs(x)
     np.negative(t, out=t)
     np.fmax(t, F32(-104), out=t)          # below e**-104 the result is 0; NaN becomes -104
-    k = np.rint(t * EXPF["inv_ln2"])
-    hi = t - k * EXPF["ln2_hi"]
-    lo = k * EXPF["ln2_lo"]
+    k = np.rint(t * EXPF_INV_LN2)
+    hi = t - k * EXPF_LN2_HI
+    lo = k * EXPF_LN2_LO
     r = hi - lo
     z = r * r
-    c = z * EXPF["p2"]
-    c += EXPF["p1"]
+    c = z * EXPF_P2
+    c += EXPF_P1
     c *= z
     np.subtract(r, c, out=c)
     r *= c
@@ -168,10 +172,32 @@ def _sigmoid32(x, single=True):
     r -= hi
     np.subtract(F32(1), r, out=r)         # e**t = 1 - ((lo - r*c/(2 - c)) - hi)
     r *= ((k.astype(np.int32) + 191) << 23).view(F32)
-    r *= F32(2.0 ** -64)
+    r *= TWO_M64
     y = np.where(x < 0, r, F32(1))
     y /= r + F32(1)
     return np.where(x == x, y, x)
+
+
+@kernel
+def _sigmoid32_kernel(x, out):
+    """_sigmoid32 on 1-d float32 ``x`` into ``out``, one element at a time (the same
+    operations in the same order: the same bits)."""
+    for i in range(x.size):
+        xi = x[i]
+        t = -abs(xi)
+        if not t >= F32(-104):            # np.fmax: NaN becomes -104
+            t = F32(-104)
+        k = np.rint(t * EXPF_INV_LN2)
+        hi = t - k * EXPF_LN2_HI
+        lo = k * EXPF_LN2_LO
+        r = hi - lo
+        z = r * r
+        c = r - (z * EXPF_P2 + EXPF_P1) * z
+        r = r * c / (F32(2) - c)
+        r = F32(1) - ((lo - r) - hi)
+        r = r * np.int32((np.int32(k) + np.int32(191)) << np.int32(23)).view(F32) * TWO_M64
+        y = (r if xi < 0 else F32(1)) / (r + F32(1))
+        out[i] = y if xi == xi else xi
 
 
 def _softplus(x, single):
@@ -226,6 +252,10 @@ def tanh(x):
 def sigmoid(x):
     """1 / (1 + e**-x), as e**x / (1 + e**x) below 0: accurate in both tails."""
     if np.asarray(x).dtype == np.float32:
+        if _sigmoid32_kernel:
+            out = np.empty(np.shape(x), F32)
+            _sigmoid32_kernel(flat(x), out.reshape(-1))
+            return out
         return _apply(_sigmoid32, x, wide=False)
     return _apply(_sigmoid, x)
 
@@ -256,11 +286,91 @@ def _softmax(rows, single, log=False):
     return e
 
 
+@kernel
+def _exp_kernel(x, terms):
+    """_exp of one float64 (not minus_one), the same operations in the same order."""
+    if x < -746.0:
+        x = -746.0
+    elif x > 710.0:
+        x = 710.0
+    t = x * INV_LN2 + SHIFT
+    n = t - SHIFT
+    hi = x - n * LN2_HI
+    lo = n * LN2_LO
+    r = hi - lo
+    z = r * r
+    c = z * EXP_P[terms - 1]
+    for i in range(terms - 2, -1, -1):
+        c = (c + EXP_P[i]) * z
+    c = r - c
+    r = r * c / (2.0 - c) - lo
+    bits = np.float64(t).view(np.int64)
+    half = bits >> 1
+    s1 = np.int64((half + BIAS) << 52).view(np.float64)
+    s2 = np.int64((bits - half + BIAS) << 52).view(np.float64)
+    return (r + hi + 1.0) * s1 * s2
+
+
+@kernel
+def _log_kernel(x, terms):
+    """_log of one float64 (no correction), the same operations in the same order."""
+    if not x > 0 or x == np.inf:
+        return -np.inf if x == 0 else (x if x > 0 else np.nan)
+    m, k = math.frexp(x)
+    low = 1.0 if m < SQRT_HALF else 0.0
+    f = (m + m * low) - 1.0
+    kf = k - low
+    s = f / (f + 2.0)
+    z = s * s
+    r = z * LOG_LG[terms - 1]
+    for i in range(terms - 2, -1, -1):
+        r = (r + LOG_LG[i]) * z
+    hfsq = f * f * 0.5
+    r = (r + hfsq) * s + kf * LN2_LO
+    return kf * LN2_HI - ((hfsq - r) - f)
+
+
+@kernel
+def _softmax_kernel(z, log, exp_terms, log_terms, out):
+    """_softmax over the rows of 2-d ``z`` into ``out`` (z's dtype), row by row."""
+    e = np.empty(z.shape[1])
+    for i in range(z.shape[0]):
+        peak = -np.inf
+        for j in range(z.shape[1]):
+            v = np.float64(z[i, j])
+            if v > peak or v != v:
+                peak = v if peak == peak else peak
+        total = 0.0
+        for j in range(z.shape[1]):
+            e[j] = _exp_kernel(np.float64(z[i, j]) - peak, exp_terms)
+            total = e[j] if j == 0 else total + e[j]
+        if log:
+            shift = _log_kernel(total, log_terms)
+            for j in range(z.shape[1]):
+                out[i, j] = (np.float64(z[i, j]) - peak) - shift
+        else:
+            for j in range(z.shape[1]):
+                out[i, j] = e[j] / total
+
+
+def _softmax_rows(z, log):
+    """softmax or log_softmax of ``z`` over its last axis: the compiled twin where there is
+    one, else the reference, _softmax, in blocks of rows."""
+    z = np.asarray(z)
+    if not _softmax_kernel or z.dtype not in (np.float32, np.float64) or not z.shape[-1]:
+        return _apply(functools.partial(_softmax, log=log), z, over_rows=True)
+    rows = np.ascontiguousarray(z).reshape(-1, z.shape[-1])
+    out = np.empty(rows.shape, z.dtype)
+    exp_terms, log_terms = TERMS[z.dtype == np.float32]
+    _softmax_kernel(rows, log, exp_terms, log_terms, out)
+    return out.reshape(z.shape)
+
+
 def softmax(z):
     """exp(z - max) / row_sum of that, over the last axis."""
-    return _apply(_softmax, z, over_rows=True)
+    return _softmax_rows(z, log=False)
 
 
 def log_softmax(z):
     """(z - max) - log(row_sum(exp(z - max))), over the last axis."""
-    return _apply(functools.partial(_softmax, log=True), z, over_rows=True)
+    return _softmax_rows(z, log=True)

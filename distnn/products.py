@@ -36,6 +36,8 @@ first keeps ``b - 1`` (its sign takes one).
 
 import numpy as np
 
+from distnn.compiled import kernel
+
 GEMM = np.matmul  # GEMM(a, b, out=None) on integer-valued float64: any summation order, same bits
 MIN_EXP, MAX_EXP = -900, 900  # exponents are clamped here so every 2**shift is a float64
 
@@ -63,16 +65,78 @@ def plan(terms, dtype, integer_bits=None):
     return a_bits, 1 if a_bits >= 16 else 2, 24, 1
 
 
+@kernel
+def _peak_bits_kernel(bits, mask, axis, out):
+    """max of ``bits & mask`` (2-d: a float array's bits, the mask clearing the sign) per
+    row (axis 1) or column (axis 0) into ``out``: for floats without the sign, the integer
+    order of their bits is their order, and every NaN's bits are above infinity's."""
+    out[:] = 0
+    for i in range(bits.shape[0]):
+        if axis == 1:
+            peak = out[i]
+            for j in range(bits.shape[1]):
+                peak = max(peak, bits[i, j] & mask)
+            out[i] = peak
+        else:
+            for j in range(bits.shape[1]):
+                out[j] = max(out[j], bits[i, j] & mask)
+
+
+# a float dtype's bits as unsigned integers, and the mask that clears their sign
+SIGN_CLEARED = {np.dtype(np.float32): (np.uint32, np.uint32(2**31 - 1)),
+                np.dtype(np.float64): (np.uint64, np.uint64(2**63 - 1))}
+
+
+def abs_peaks(x, axis):
+    """max |x| per row (axis 1) or column (axis 0) of 2-d float ``x``, in float64 (NaN
+    where one is NaN). The numpy reference takes max(max, -min)."""
+    if _peak_bits_kernel:
+        uint, mask = SIGN_CLEARED[x.dtype]
+        out = np.empty(x.shape[1 - axis], uint)
+        _peak_bits_kernel(np.ascontiguousarray(x).view(uint), mask, axis, out)
+        return out.view(x.dtype).astype(np.float64)
+    if not x.shape[axis]:
+        return np.zeros(x.shape[1 - axis])
+    return np.maximum(x.max(axis=axis), -x.min(axis=axis)).astype(np.float64)
+
+
 def peak_exponents(x, axis):
     """Per row (axis 1) or column (axis 0): e with max|x| < 2**e, clamped to the range."""
-    peak = np.maximum(x.max(axis=axis), -x.min(axis=axis)) if x.shape[axis] else \
-        np.zeros(x.shape[1 - axis])
-    return np.clip(np.frexp(peak.astype(np.float64))[1], MIN_EXP, MAX_EXP)
+    return np.clip(np.frexp(abs_peaks(x, axis))[1], MIN_EXP, MAX_EXP)
+
+
+@kernel
+def _split_kernel(x, rows, columns, bits, out):
+    """split of 2-d ``x`` into ``out`` (parts, *x.shape), one or two parts, scaled by the
+    per-row ``rows`` or else the per-column ``columns``."""
+    step = 2.0 ** bits
+    for i in range(x.shape[0]):
+        if rows.size:
+            for j in range(x.shape[1]):
+                out[0, i, j] = np.float64(x[i, j]) * rows[i]
+        else:
+            for j in range(x.shape[1]):
+                out[0, i, j] = np.float64(x[i, j]) * columns[j]
+        if out.shape[0] == 1:
+            for j in range(x.shape[1]):
+                out[0, i, j] = np.rint(out[0, i, j])
+        else:
+            for j in range(x.shape[1]):
+                q = np.rint(out[0, i, j])
+                out[1, i, j] = np.rint((out[0, i, j] - q) * step)
+                out[0, i, j] = q
 
 
 def split(x, scale, bits, parts):
     """Integer-valued float64 parts q_0, q_1, ... with x * scale = q_0 + q_1 2**-bits + ...
-    (to the last part's rounding); |x * scale| < 2**bits."""
+    (to the last part's rounding); |x * scale| < 2**bits. ``scale`` is per row (rows, 1)
+    or per column (1, columns)."""
+    if _split_kernel and parts <= 2:
+        out, none = np.empty((parts, *x.shape)), np.zeros(0)
+        per_row = scale.shape == (x.shape[0], 1)
+        _split_kernel(np.ascontiguousarray(x), scale.reshape(-1) if per_row else none,
+                      none if per_row else scale.reshape(-1), bits, out)
+        return list(out)
     rest = np.multiply(x, scale, dtype=np.float64)
     out = []
     for i in range(parts):
@@ -84,6 +148,17 @@ def split(x, scale, bits, parts):
         rest -= q                      # exact: |rest - q| <= 1/2 on rest's own grid
         rest *= 2.0 ** bits            # exact
     return out
+
+
+@kernel
+def _unscale_kernel(total, columns, rows):
+    """total *= columns (per column), then *= rows (per row) unless rows is empty."""
+    for i in range(total.shape[0]):
+        for j in range(total.shape[1]):
+            total[i, j] *= columns[j]
+        if rows.size:
+            for j in range(total.shape[1]):
+                total[i, j] *= rows[i]
 
 
 def product(a, W, dtype, integer_bits=None, scale=1.0):
@@ -108,7 +183,11 @@ def product(a, W, dtype, integer_bits=None, scale=1.0):
             if i * a_bits + j * w_bits:
                 term *= 2.0 ** -(i * a_bits + j * w_bits)
             total = term if total is None else np.add(total, term, out=total)
-    total *= pow2(-w_shift)[None, :] * scale
+    columns = pow2(-w_shift) * scale
+    if _unscale_kernel:
+        _unscale_kernel(total, columns, np.zeros(0) if integer_bits is not None else pow2(-a_shift))
+        return total
+    total *= columns[None, :]
     if integer_bits is None:
         total *= pow2(-a_shift)[:, None]
     return total

@@ -15,7 +15,7 @@ on a stop signal) and times it (:mod:`distnn.timing`).
 import numpy as np
 
 from distnn import losses, model, optim
-from distnn.batch import BatchColumns, local_share
+from distnn.batch import BatchColumns, local_share, pixel_columns
 from distnn.exact import ExactGradients
 from distnn.parallel import SignalAgreement
 from distnn.state import N_STATS
@@ -31,13 +31,15 @@ def train_stats(cfg, z, y, T):
     return stats
 
 
-def mean_gradients(sums, params, columns, n_rows):
+def mean_gradients(sums, params, columns, n_rows, used_rows=False):
     """The exact sums of :class:`distnn.exact.ExactGradients` (float64; the first layer's
     is overwritten) as the mean over the batch's ``n_rows``, in the parameters' dtype:
     one rounding each.
 
     The first layer's inputs were the integer pixels, which stand for their value
     times ``model.PIXEL_SCALE``; the rows of the unused ``columns`` are 0 exactly.
+    With ``used_rows`` the first weight gradient holds only the ``columns`` rows (for
+    :func:`distnn.optim.update`'s ``first_rows``).
     """
     (W0, _), dtype = params[0], params[0][0].dtype
 
@@ -45,7 +47,9 @@ def mean_gradients(sums, params, columns, n_rows):
         return np.multiply(total, factor, out=np.empty(total.shape, dtype), casting="unsafe")
     grads = []
     for l, (w_sum, b_sum) in enumerate(sums):
-        if l == 0:
+        if l == 0 and used_rows:
+            gW = mean(w_sum, model.PIXEL_SCALE / n_rows)
+        elif l == 0:
             gW = np.zeros_like(W0)
             gW[columns] = np.multiply(w_sum, model.PIXEL_SCALE / n_rows, out=w_sum)
         else:
@@ -54,16 +58,17 @@ def mean_gradients(sums, params, columns, n_rows):
     return grads
 
 
-def gradients(params, cfg, pixels, T, columns, reducer, n_rows):
+def gradients(params, cfg, pixels, T, columns, reducer, n_rows, used_rows=False):
     """The mean gradient of the data cost over the global batch, and the batch's stat sums.
 
     ``pixels`` are uint8 (rows, 784) and ``T`` the targets in the run's dtype
     (:func:`distnn.batch.local_share`), ``columns`` the batch's non-zero pixel
     columns (:class:`distnn.batch.BatchColumns`), ``n_rows`` the global batch size,
     ``reducer`` a :class:`distnn.exact.ExactGradients`. The gradients are shaped
-    like ``params``, in their dtype.
+    like ``params``, in their dtype (the first weight's only the ``columns`` rows with
+    ``used_rows``: :func:`mean_gradients`).
     """
-    X = pixels[:, columns].astype(np.float64)
+    X = pixel_columns(pixels, columns)
     (W0, b0), rest = params[0], params[1:]
     narrowed = [(W0[columns], b0), *rest]
     inputs, zs, y = model.forward_pass(narrowed, X, cfg.activation, cfg.loss, pixels=True)
@@ -71,15 +76,17 @@ def gradients(params, cfg, pixels, T, columns, reducer, n_rows):
     deltas = model.layer_deltas(narrowed, inputs, zs, delta, cfg.activation)
     sums, stat_sums = reducer(inputs, deltas, train_stats(cfg, zs[-1], y, T), n_rows,
                               first_rows=columns)
-    return mean_gradients(sums, params, columns, n_rows), stat_sums
+    return mean_gradients(sums, params, columns, n_rows, used_rows), stat_sums
 
 
 def train_step(params, velocity, rate, cfg, pixels, T, columns, reducer, n_rows):
     """One step at learning rate ``rate``: :func:`gradients`, then the update of
     :mod:`distnn.optim`, in place on ``params`` and ``velocity``. Returns
     (params, global stat sums)."""
-    grads, stat_sums = gradients(params, cfg, pixels, T, columns, reducer, n_rows)
-    optim.update(params, grads, velocity, rate, cfg.momentum, cfg.nesterov, cfg.weight_decay)
+    grads, stat_sums = gradients(params, cfg, pixels, T, columns, reducer, n_rows,
+                                 used_rows=True)
+    optim.update(params, grads, velocity, rate, cfg.momentum, cfg.nesterov, cfg.weight_decay,
+                 first_rows=columns)
     return params, stat_sums
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from mpi4py import MPI
 from threadpoolctl import threadpool_limits
 
-from distnn import config, model, numerics, optim, parallel, rundir, startup
+from distnn import compiled, config, model, numerics, optim, parallel, rundir, startup
 from distnn.data import Dataset
 from distnn.errors import TRAIN, Diverged, OutputError, Stopped, UserError
 from distnn.evaluate import N_EVAL_STATS, evaluation
@@ -188,7 +188,8 @@ def begin(cfg, comm, data, state, steps_per_epoch):
     progress = Progress(total, cfg.log_every, cfg.quiet, enabled=comm.rank == 0, start=state.step)
     if comm.rank == 0 and not cfg.quiet:
         print(f"{TRAIN}: {comm.size} rank{'s' if comm.size > 1 else ''}, {data.size('train')} "
-              f"training / {data.size('val')} validation / {data.size('test')} test images\n"
+              f"training / {data.size('val')} validation / {data.size('test')} test images, "
+              f"{compiled.ACTIVE} kernels\n"
               f"{cfg.describe()}", flush=True)
         if state.step == 0:
             progress.write(log_line(state.history[0], cfg))

@@ -45,11 +45,18 @@ def mpirun():
     return path
 
 
-def run_env():
-    """Environment for child processes: the project importable, one BLAS thread."""
+def run_env(compiled=False):
+    """Environment for child processes: the project importable, one BLAS thread, and the
+    numpy reference path unless ``compiled`` (or DISTNN_KERNELS set for the whole run):
+    loading numba costs each process about a second, and the tests that compare the
+    two paths (test_compiled.py, the ``compiled`` variations in test_numerics.py, the
+    rank counts in test_train.py) ask for it."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.setdefault("OMP_NUM_THREADS", "1")
+    if compiled:
+        env["DISTNN_KERNELS"] = "auto"
+    env.setdefault("DISTNN_KERNELS", "numpy")
     return env
 
 
@@ -60,13 +67,14 @@ PLAIN_SGD = ["--momentum", "0", "--schedule", "constant", "--warmup", "0"]
 RUN_KEYS = {"samples_per_s", "compute_s", "comm_s", "data_s", "wall_s", "elapsed_s", "ranks"}
 
 
-def launch_train(args, ranks=None, timeout=180, cwd=ROOT):
-    """Run ``python -m distnn.train`` alone (ranks=None) or under ``mpirun -n ranks``."""
+def launch_train(args, ranks=None, timeout=180, cwd=ROOT, compiled=False):
+    """Run ``python -m distnn.train`` alone (ranks=None) or under ``mpirun -n ranks``
+    (on the compiled path with ``compiled``: :func:`run_env`)."""
     command = [sys.executable, "-m", "distnn.train", *map(str, args)]
     if ranks is not None:
         command = [find_mpirun(), "-n", str(ranks), *command]
-    return subprocess.run(command, cwd=cwd, env=run_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(command, cwd=cwd, env=run_env(compiled), capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def run_module(module, *args, timeout=120):

@@ -3,6 +3,8 @@ the 2-rank Allreduce over shared memory and over TCP, and the scaling model's ta
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 from conftest import run_module
@@ -44,3 +46,42 @@ def test_bench_writes_its_table(mnist_h5, tmp_path):
     assert table in result.stdout and "| 2 | memory |" in table and "| 1 | stream |" in table
     assert "| shared memory | one host" in table and "| TCP | " in table
     assert "| 64 | 1 |" in table and "Smallest global batch" in table
+
+
+def test_pytorch_beside_distnn_is_optional(tmp_path):
+    """Without torch the comparison is skipped with the reason; an interpreter named with
+    --torch that cannot import it is a one-line error (exit 2) before anything runs."""
+    from distnn import bench_compare
+    from distnn.errors import UserError
+    assert bench_compare.torch_python("off") == (None, "--torch off")
+    has_torch = subprocess.run([sys.executable, "-c", "import torch"]).returncode == 0
+    python, reason = bench_compare.torch_python("auto")
+    assert (python, reason) == ((sys.executable, None) if has_torch else
+                                (None, f"PyTorch is not installed for {sys.executable}"))
+    if not has_torch:
+        with pytest.raises(UserError, match="cannot import torch"):
+            bench_compare.torch_python(sys.executable)
+    result = run_module("distnn.bench", "--torch", tmp_path / "no-python", "--out",
+                        tmp_path / "bench")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "--torch" in result.stderr and not (tmp_path / "bench.md").exists()
+
+
+def test_the_side_by_side_table():
+    from distnn import bench_compare
+    epochs = [{"epoch": 0, "test_acc": 0.1, "elapsed_s": 0.0},
+              {"epoch": 1, "test_acc": 0.97, "elapsed_s": 1.5},
+              {"epoch": 2, "test_acc": 0.981, "elapsed_s": 3.25},
+              {"epoch": 3, "test_acc": 0.99, "elapsed_s": 5.0}]
+    assert bench_compare.first_at(epochs, 0.98) == (2, 3.25)
+    assert bench_compare.first_at(epochs[:2], 0.98) == (None, None)
+    report = {"target": 0.98, "rows": [
+        {"trainer": "distnn", "processes": 2, "final_test_acc": 0.9842, "epoch": 5,
+         "seconds": 6.5, "rounds": 3},
+        {"trainer": "pytorch", "processes": 2, "samples_per_s": 30000.0, "epoch": None,
+         "seconds": None, "rounds": 3}]}
+    table = bench_compare.markdown(report, {2: 45000.0}, None)
+    assert "| distnn | 2 | 45,000 | 5 | 6.50 s |" in table
+    assert "| PyTorch DDP (gloo) | 2 | 30,000 | — | not reached |" in table
+    assert "medians of 3" in table and "skipped" not in table
+    assert "PyTorch skipped: no torch." in bench_compare.markdown(report, {}, "no torch")

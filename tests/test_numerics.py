@@ -102,12 +102,14 @@ def test_matrix_covers_every_activation_loss_dtype_and_optimizer(reference_matri
     assert reference_matrix["numerics"] == numerics.REFERENCE
 
 
-@pytest.mark.parametrize("variation", ["simd-off", "2-blas-threads", "oldest-numpy", "einsum"])
+@pytest.mark.parametrize("variation", ["simd-off", "2-blas-threads", "oldest-numpy", "einsum",
+                                       "compiled"])
 def test_training_bits_do_not_depend_on_the_machine(variation, reference_matrix, small_h5,
                                                     tmp_path):
     """params_sha256 and every epoch's metrics equal the reference run's, for every
     activation, loss, dtype and optimizer setting, with numpy's SIMD paths off, 2 BLAS threads, the oldest
-    supported numpy, or a GEMM that sums in another order."""
+    supported numpy, a GEMM that sums in another order (all on the numpy reference path),
+    or on the compiled path (distnn.compiled)."""
     env, extra = run_env(), []
     if variation == "simd-off":
         env = simd_off_env(run_env())
@@ -115,6 +117,8 @@ def test_training_bits_do_not_depend_on_the_machine(variation, reference_matrix,
             pytest.skip("numpy dispatches to no optional CPU feature on this machine")
     elif variation == "oldest-numpy":
         env, version = oldest_numpy_env(run_env())
+    elif variation == "compiled":
+        env = run_env(compiled=True)
     elif variation == "2-blas-threads":
         extra = ["--blas-threads", "2"]
     else:
@@ -122,6 +126,11 @@ def test_training_bits_do_not_depend_on_the_machine(variation, reference_matrix,
     got = matrix(small_h5, tmp_path, env, *extra)
     if variation == "oldest-numpy":
         assert got["numpy"] == version != reference_matrix["numpy"]
+    if variation == "compiled":
+        if got["kernels"] != "numba":
+            pytest.skip("numba is not installed: no compiled path to compare")
+    else:
+        assert got["kernels"] == reference_matrix["kernels"]
     assert got["numerics"] == numerics.REFERENCE
     for name, result in reference_matrix["results"].items():
         assert got["results"][name] == result, name
@@ -142,10 +151,12 @@ def changed(env):
     return {k: v for k, v in env.items() if base.get(k) != v}
 
 
-@pytest.mark.parametrize("mix", ["simd-off+default", "default+simd-off+oldest-numpy"])
+@pytest.mark.parametrize("mix", ["simd-off+default", "default+simd-off+oldest-numpy",
+                                 "compiled+default"])
 def test_ranks_with_different_numerics_match_the_single_process(mix, mnist_h5, tmp_path):
     envs = {"default": {}, "simd-off": changed(simd_off_env(run_env()) or run_env()),
-            "oldest-numpy": changed(oldest_numpy_env(run_env())[0])}
+            "oldest-numpy": changed(oldest_numpy_env(run_env())[0]),
+            "compiled": {"DISTNN_KERNELS": "auto"}}
     single = subprocess.run([sys.executable, "-m", "distnn.train", "--data", str(mnist_h5),
                              "--out", str(tmp_path / "one"), *SMALL], env=run_env(), cwd=ROOT,
                             capture_output=True, text=True, timeout=300)

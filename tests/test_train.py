@@ -39,10 +39,12 @@ def reference(request, mnist_h5, tmp_path_factory):
 
 @pytest.mark.parametrize("ranks", range(1, 9))
 def test_every_rank_count_matches_single_process(reference, ranks, mnist_h5, tmp_path):
+    """The single process on the numpy reference path; the ranks on the compiled path
+    where numba is installed (distnn.compiled), which must change no bit either."""
     name, (digest, metrics) = reference
     extra = ["--stream"] if ranks % 2 else []   # streamed and in-memory reads agree too
     result = launch_train(["--data", mnist_h5, "--out", tmp_path, *CONFIGS[name], *extra],
-                          ranks=ranks)
+                          ranks=ranks, compiled=True)
     assert result.returncode == 0, result.stderr
     got_digest, got_metrics = run_result(tmp_path)
     assert got_digest == digest

@@ -21,7 +21,7 @@ from threadpoolctl import threadpool_limits
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import run_result  # noqa: E402
 
-from distnn import numerics, products, train  # noqa: E402
+from distnn import compiled, numerics, products, train  # noqa: E402
 from distnn.config import Config  # noqa: E402
 
 ACTIVATIONS = ("sigmoid", "tanh", "relu", "elu", "softplus")
@@ -88,7 +88,8 @@ def main():
                      quiet=True, **setting)
         train.run(cfg, MPI.COMM_SELF)
         results[name] = run_result(out)
-    print(json.dumps({"numpy": np.__version__, "numerics": numerics.sample_digest(),
+    print(json.dumps({"numpy": np.__version__, "kernels": compiled.ACTIVE,
+                      "numerics": numerics.sample_digest(),
                       "results": results}))
 
 
