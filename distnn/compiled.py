@@ -27,10 +27,15 @@ ACTIVE = "numba" if numba else "numpy"
 
 
 def kernel(fn):
-    """``fn`` (a loop over arrays) compiled by numba, cached on disk; None without numba."""
+    """``fn`` (a loop over arrays) compiled by numba, cached on disk where numba finds a
+    writable place for it (else compiled anew in each process); None without numba."""
     if numba is None:
         return None
-    return numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=False)(fn)
+    options = dict(nogil=True, error_model="numpy", fastmath=False)
+    try:
+        return numba.njit(cache=True, **options)(fn)
+    except RuntimeError:  # "cannot cache function ...: no locator available"
+        return numba.njit(**options)(fn)
 
 
 def flat(x):

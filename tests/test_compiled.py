@@ -200,3 +200,15 @@ def test_pixel_columns_and_the_first_layer_mean():
         assert_same_bits(g, w)
         assert_same_bits(gb, wb)
     assert_same_bits(rows[0][0], dense[0][0][columns])
+
+
+def test_a_kernel_compiles_where_numba_cannot_cache_it():
+    """A function numba finds no cache folder for (here: one without a source file, as
+    in a read-only installation with no writable home) is compiled all the same."""
+    namespace = {"np": np}
+    exec("def twice(x, out):\n    for i in range(x.size):\n        out[i] = x[i] * 2.0\n",
+         namespace)
+    twice = compiled.kernel(namespace["twice"])
+    out = np.empty(3)
+    twice(np.arange(3.0), out)
+    assert out.tolist() == [0.0, 2.0, 4.0]
