@@ -16,14 +16,23 @@ import os
 
 import numpy as np
 
+CHOICES = ("auto", "numpy")
+CHOICE = os.environ.get("DISTNN_KERNELS", "auto")
 try:
-    if os.environ.get("DISTNN_KERNELS", "auto") == "numpy":
+    if CHOICE != "auto":  # numpy, or a mistake that numerics.check reports
         raise ImportError("switched off")
     import numba
 except ImportError:
     numba = None
 
 ACTIVE = "numba" if numba else "numpy"
+
+
+def bad_choice():
+    """The one-line complaint about DISTNN_KERNELS, or None when it is valid."""
+    if CHOICE in CHOICES:
+        return None
+    return f"DISTNN_KERNELS={CHOICE!r}: choose {' or '.join(CHOICES)}"
 
 
 def kernel(fn):

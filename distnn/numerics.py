@@ -16,7 +16,7 @@ import socket
 
 import numpy as np
 
-from distnn import activations, fixedmath, losses, optim, schedule
+from distnn import activations, compiled, fixedmath, losses, optim, schedule
 from distnn.errors import UserError
 from distnn.products import product
 from distnn.rng import Stream
@@ -60,8 +60,11 @@ def sample_digest():
 
 def check(comm):
     """Refuse to start (UserError, agreed) when a rank's sample differs from the reference."""
-    everyone = comm.allgather((sample_digest(), socket.gethostname()))
-    odd = [f"rank {rank} on {host}" for rank, (digest, host) in enumerate(everyone)
+    everyone = comm.allgather((sample_digest(), socket.gethostname(), compiled.bad_choice()))
+    bad = next(((rank, why) for rank, (_, _, why) in enumerate(everyone) if why), None)
+    if bad:
+        raise UserError(f"{'' if bad[0] == 0 else f'rank {bad[0]}: '}{bad[1]}", agreed=True)
+    odd = [f"rank {rank} on {host}" for rank, (digest, host, _) in enumerate(everyone)
            if digest != REFERENCE]
     if odd:
         raise UserError(f"numerics check failed on {', '.join(odd)}: its arithmetic gives other "

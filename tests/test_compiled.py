@@ -212,3 +212,4 @@ def test_a_kernel_compiles_where_numba_cannot_cache_it():
     out = np.empty(3)
     twice(np.arange(3.0), out)
     assert out.tolist() == [0.0, 2.0, 4.0]
+

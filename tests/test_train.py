@@ -1,6 +1,8 @@
 """distnn.train end to end: bit-identical results for 1..8 ranks, failures that end promptly."""
 
 import json
+import subprocess
+import sys
 import time
 
 import h5py
@@ -215,3 +217,18 @@ def test_empty_test_split_is_reported_as_absent(mnist_h5, tmp_path):
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["test_acc"] is None and summary["val_acc"] is not None
+
+
+def test_a_wrong_kernels_choice_is_one_line_and_writes_nothing(mnist_h5, tmp_path):
+    """DISTNN_KERNELS names the compiled path's use (distnn.compiled); a mistake in it, on
+    any rank, ends the job with one line before anything is written."""
+    done = subprocess.run([find_mpirun(), "-n", "1", sys.executable, "-m", "distnn.train",
+                           "--data", str(mnist_h5), "--out", str(tmp_path / "run"), ":",
+                           "-n", "1", "env", "DISTNN_KERNELS=fast", sys.executable, "-m",
+                           "distnn.train", "--data", str(mnist_h5), "--out",
+                           str(tmp_path / "run")], env=run_env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr == ("distnn.train: error: rank 1: DISTNN_KERNELS='fast': "
+                           "choose auto or numpy\n")
+    assert not (tmp_path / "run").exists()
