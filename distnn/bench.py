@@ -312,15 +312,21 @@ def markdown(report):
             + netmodel.markdown(report["allreduce"], report["model"], cfg["batch_size"]))
 
 
+def compares(args):
+    """Whether to put distnn beside PyTorch: for the default recipe only."""
+    cfg = config_of(args)
+    return bool(args.accuracy_rounds) and (cfg.layers, cfg.batch_size, cfg.dtype) == \
+        (Config.layers, Config.batch_size, Config.dtype)
+
+
 def compare(args, data, report, torch):
     """distnn beside PyTorch (:mod:`distnn.bench_compare`) at the measured rank counts
     that fit the cores, ``torch`` being :func:`distnn.bench_compare.torch_python`'s
     answer; the Markdown section, and the figures in ``report``."""
+    if not compares(args):
+        return ""
     cores = report["machine"]["cores"]
     processes = sorted({r["ranks"] for r in report["runs"] if r["ranks"] <= cores})
-    if not args.accuracy_rounds or args.layers != "784,256,10" or args.batch_size != 256 \
-            or args.dtype != "float32":
-        return ""  # the comparison is of the default recipe only
     python, skipped = torch
     recipe = {k: getattr(Config, k) for k in ("lr", "momentum", "schedule", "warmup",
                                                "decay_every", "decay_factor", "epochs",
@@ -345,7 +351,9 @@ def main(argv=None):
         args = parse_args(argv)
         if not args.worker and not Path(args.out).resolve().parent.is_dir():  # now, not later
             raise UserError(f"--out {args.out}: the folder {Path(args.out).parent} does not exist")
-        torch = None if args.worker else bench_compare.torch_python(args.torch)
+        named = args.torch not in ("auto", "off")  # checked before the runs, needed or not
+        torch = bench_compare.torch_python(args.torch) \
+            if not args.worker and (named or compares(args)) else None
     except UserError as exc:
         print(f"distnn.bench: error: {exc}", file=sys.stderr)
         return 2

@@ -32,8 +32,7 @@ def train_stats(cfg, z, y, T):
 
 
 def mean_gradients(sums, params, columns, n_rows, used_rows=False):
-    """The exact sums of :class:`distnn.exact.ExactGradients` (float64; the first layer's
-    is overwritten) as the mean over the batch's ``n_rows``, in the parameters' dtype:
+    """The exact sums of :class:`distnn.exact.ExactGradients` (float64) as the mean over the batch's ``n_rows``, in the parameters' dtype:
     one rounding each.
 
     The first layer's inputs were the integer pixels, which stand for their value
@@ -47,11 +46,11 @@ def mean_gradients(sums, params, columns, n_rows, used_rows=False):
         return np.multiply(total, factor, out=np.empty(total.shape, dtype), casting="unsafe")
     grads = []
     for l, (w_sum, b_sum) in enumerate(sums):
-        if l == 0 and used_rows:
+        if l == 0:
             gW = mean(w_sum, model.PIXEL_SCALE / n_rows)
-        elif l == 0:
-            gW = np.zeros_like(W0)
-            gW[columns] = np.multiply(w_sum, model.PIXEL_SCALE / n_rows, out=w_sum)
+            if not used_rows:
+                gW, rows = np.zeros_like(W0), gW
+                gW[columns] = rows
         else:
             gW = mean(w_sum, 1 / n_rows)
         grads.append((gW, mean(b_sum, 1 / n_rows)))
