@@ -11,6 +11,7 @@ import argparse
 import sys
 
 TRAIN = "distnn.train"  # the trainer's name in its messages
+INTERRUPTED = 130  # a tool ended by Ctrl-C (SIGINT): the shell's convention
 
 
 def warn(message):
@@ -28,7 +29,8 @@ class Parser(argparse.ArgumentParser):
 
 def cli(prog, action, errors):
     """Print ``action()``'s result and return 0; an ``errors`` exception becomes one
-    line on stderr and exit code 2 (the tools besides the trainer). ``action`` parses
+    line on stderr and exit code 2 (the tools besides the trainer); Ctrl-C is one line and
+    exit code 130 (their outputs are written whole or not at all). ``action`` parses
     its flags itself, so a mistake in them (a UserError from :class:`Parser`) is one
     line too."""
     try:
@@ -36,6 +38,9 @@ def cli(prog, action, errors):
     except errors as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
+        return INTERRUPTED
     return 0
 
 

@@ -1,35 +1,63 @@
-"""Files that appear whole or not at all: a run's outputs, its checkpoints, the prepared
-data file, plots and predictions are written through :func:`atomic_write`."""
+"""Files that appear whole or not at all, and inputs that cannot block or lead elsewhere.
 
+A run's outputs, its checkpoints, the prepared data file, plots and predictions
+are written through :func:`atomic_write`: built in memory, written into a new
+file (``O_EXCL``: never through a symlink placed there), fsync'd and renamed
+over the name (a rename replaces a symlink, never its target). A full disk is
+then one ``OSError`` from ``os.write``, whatever library built the bytes: HDF5
+never sees the disk, so it cannot fail, or crash, half way through closing.
+
+Inputs are checked with :func:`regular_file` before they are opened (a FIFO or
+a device would block ``open()`` or ``read()`` for ever), and opened inside
+:func:`opening`, where a stop signal ends an ``open()`` that blocks anyway.
+"""
+
+import io
 import json
 import os
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from distnn.errors import OutputError
+from distnn.errors import OutputError, UserError
+from distnn.stop import REQUEST
+
+KINDS = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
+         stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+         stat.S_IFLNK: "a symbolic link"}
 
 
 def atomic_write(path, write):
-    """Call ``write(tmp)`` on a new temporary file beside ``path``, fsync it, give it the
-    usual permissions, rename it to ``path`` and fsync the folder, so a reader or a
-    crash never sees half a file; on any error the temporary file is removed."""
+    """Call ``write(buffer)`` on an in-memory binary file (``io.BytesIO``: h5py, matplotlib
+    and gzip write into it as into a path), then put its bytes at ``path`` whole: a new
+    temporary file beside it, fsync'd, given the usual permissions, renamed to ``path``
+    and the folder fsync'd. A reader or a crash never sees half a file; on any error
+    the temporary file is removed and ``path`` is as it was."""
     path = Path(path)
+    buffer = io.BytesIO()
+    write(buffer)
+    content = buffer.getbuffer()
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:  # name the file asked for, not the temporary one
         raise OSError(exc.errno, exc.strerror, str(path)) from None
-    os.close(fd)
     try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        try:
+            written = 0
+            while written < len(content):
+                written += os.write(fd, content[written:])
+            os.fsync(fd)
+            os.fchmod(fd, 0o666 & ~_umask())
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    finally:
+        content.release()
 
 
 @contextmanager
@@ -49,9 +77,35 @@ def write_whole(path, write):
 
 def write_json(path, obj):
     """``obj`` as indented, key-sorted JSON, written whole."""
-    def write(tmp):
-        Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    write_whole(path, write)
+    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    write_whole(path, lambda f: f.write(text.encode()))
+
+
+def regular_file(path, what, follow=True, error=UserError):
+    """Raise ``error`` (one line: ``what``, the path, what it is instead) unless ``path``
+    is a regular file; check this before opening an input, so a FIFO or a device never
+    blocks the process. ``follow=False`` refuses a symlink too (files in a run folder,
+    which someone else may be able to write to). A missing file passes: the opener
+    reports it in its own words."""
+    try:
+        mode = (os.stat if follow else os.lstat)(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise error(f"{what} {path}: {reason(exc)}") from None
+    if not stat.S_ISREG(mode):
+        kind = KINDS.get(stat.S_IFMT(mode), "not a regular file")
+        raise error(f"{what} {path}: is {kind}, not a regular file")
+
+
+@contextmanager
+def opening(path, what, follow=True, error=UserError):
+    """Open the input ``path`` inside this: it must be a regular file
+    (:func:`regular_file`), and should it become a FIFO after that check, a stop signal
+    still ends the blocked ``open()`` (:meth:`distnn.stop.StopRequest.interruptible`)."""
+    regular_file(path, what, follow, error)
+    with REQUEST.interruptible(f"{what} {path}"):
+        yield
 
 
 def reason(exc):
@@ -65,7 +119,7 @@ def reason(exc):
 
 def fsync_dir(folder):
     """Make a rename in ``folder`` durable."""
-    fd = os.open(folder, os.O_RDONLY)
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:

@@ -17,6 +17,7 @@ kills, while the interpreter and MPI shut down.
 """
 
 import signal
+from contextlib import contextmanager
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -26,13 +27,37 @@ class StopRequest:
 
     def __init__(self):
         self.signum = 0
+        self.installed = False
+        self.waiting_for = None  # what an interruptible wait opens (None: not waiting)
 
     def install(self):
         """Catch the stop signals (again); a signal caught earlier is kept."""
         for sig in SIGNALS:
             signal.signal(sig, self._handle)
             signal.siginterrupt(sig, False)  # restart system calls (file writes, MPI waits)
+        self.installed = True
         return self
+
+    @contextmanager
+    def interruptible(self, what):
+        """While inside, a stop signal ends the wait at once (a Stopped exception naming
+        ``what``) instead of waiting for the step boundary: for opening an input, which
+        blocks for ever when the input turns out to be a FIFO. Nothing else happens in
+        such a section, so nothing is left half-done."""
+        if not self.installed:
+            yield
+            return
+        self.waiting_for = what
+        for sig in SIGNALS:
+            signal.siginterrupt(sig, True)  # the blocked open() returns EINTR to Python
+        try:
+            if self.signum:
+                self._handle(self.signum, None)
+            yield
+        finally:
+            self.waiting_for = None
+            for sig in SIGNALS:
+                signal.siginterrupt(sig, False)
 
     def ignore(self):
         """Ignore the stop signals from now on: the run's outcome is already decided."""
@@ -41,6 +66,10 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         self.signum = self.signum or signum
+        if self.waiting_for is not None:
+            from distnn.errors import Stopped
+            raise Stopped(f"{signal.Signals(signum).name} received while opening "
+                          f"{self.waiting_for}; stopped before training, nothing was written")
 
 
 REQUEST = StopRequest()

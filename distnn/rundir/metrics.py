@@ -19,15 +19,14 @@ class MetricsLog:
 
     def rewrite(self, records):
         """Replace the file with ``records`` (a resumed run drops lines past its checkpoint)."""
-        def write(tmp):
-            Path(tmp).write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
-        write_whole(self.path, write)
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
+        write_whole(self.path, lambda f: f.write(text.encode()))
 
     def append(self, record):
         """Add one line, whole or not at all."""
         line = (json.dumps(record, sort_keys=True) + "\n").encode()
         with writing(self.path):
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
             try:
                 size = os.fstat(fd).st_size
                 try:
