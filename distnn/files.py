@@ -15,49 +15,54 @@ a device would block ``open()`` or ``read()`` for ever), and opened inside
 import io
 import json
 import os
+import secrets
 import stat
-import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from distnn.errors import OutputError, UserError
 from distnn.stop import REQUEST
 
-KINDS = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
+KINDS = {stat.S_IFREG: "a regular file", stat.S_IFDIR: "a folder", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
          stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
          stat.S_IFLNK: "a symbolic link"}
 
 
-def atomic_write(path, write):
+def atomic_write(path, write, follow=True):
     """Call ``write(buffer)`` on an in-memory binary file (``io.BytesIO``: h5py, matplotlib
     and gzip write into it as into a path), then put its bytes at ``path`` whole: a new
-    temporary file beside it, fsync'd, given the usual permissions, renamed to ``path``
-    and the folder fsync'd. A reader or a crash never sees half a file; on any error
-    the temporary file is removed and ``path`` is as it was."""
+    temporary file beside it, fsync'd, renamed to ``path`` and the folder fsync'd, all
+    relative to the folder opened once. A reader or a crash never sees half a file; on
+    any error the temporary file is removed and ``path`` is as it was. ``follow=False``:
+    the folder itself must not be a symlink (a run folder's ``checkpoints``)."""
     path = Path(path)
     buffer = io.BytesIO()
     write(buffer)
     content = buffer.getbuffer()
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:  # name the file asked for, not the temporary one
+        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | (0 if follow else os.O_NOFOLLOW))
+    except OSError as exc:  # name the file asked for
         raise OSError(exc.errno, exc.strerror, str(path)) from None
+    tmp = f".{path.name}.{secrets.token_hex(4)}.tmp"
     try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666,
+                     dir_fd=folder)  # the umask applies, as for any new file
         try:
             written = 0
             while written < len(content):
                 written += os.write(fd, content[written:])
             os.fsync(fd)
-            os.fchmod(fd, 0o666 & ~_umask())
         finally:
             os.close(fd)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        os.replace(tmp, path.name, src_dir_fd=folder, dst_dir_fd=folder)
+        os.fsync(folder)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        with suppress(OSError):
+            os.unlink(tmp, dir_fd=folder)
         raise
     finally:
         content.release()
+        os.close(folder)
 
 
 @contextmanager
@@ -115,18 +120,3 @@ def reason(exc):
         return os.strerror(exc.errno)
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def fsync_dir(folder):
-    """Make a rename in ``folder`` durable."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -4,6 +4,7 @@ and nothing half-written."""
 
 import datetime
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -102,7 +103,7 @@ def test_an_unusable_out_is_one_line(case, mnist_h5, tmp_path):
     elif case == "checkpoints in the way":
         out.mkdir()
         (out / "checkpoints").write_text("not a folder")
-        extra, message = ["--resume"], f"--out {out}: checkpoints is in the way: it is not a folder"
+        extra, message = ["--resume"], f"--out {out}: checkpoints is in the way: it is a regular file, not a folder"
     else:
         (tmp_path / "file").write_text("x")
         out = tmp_path / "file" / "run"
@@ -173,3 +174,66 @@ def test_a_run_that_fails_before_its_first_step_leaves_no_folder(mnist_h5, tmp_p
         assert result.returncode == EXIT_BAD_INPUT
         assert f"/test/images rows {first_row}, {first_row + 1}" in error_line(result)
         assert not out.exists()
+
+
+@pytest.mark.parametrize("target", ["a file", "a missing file", "a FIFO"])
+def test_a_planted_lock_link_is_refused_and_nothing_outside_written(target, mnist_h5, tmp_path):
+    """The adversarial case: ``ln -s /tmp/s/victim.txt /tmp/s/run/.lock`` once made the
+    run overwrite the victim with its lock line (and exit 0)."""
+    victim, out = tmp_path / "victim.txt", tmp_path / "run"
+    if target == "a file":
+        victim.write_text("IMPORTANT\n")
+    elif target == "a FIFO":
+        os.mkfifo(victim)
+    out.mkdir()
+    (out / ".lock").symlink_to(victim)
+    result = launch_train(["--data", mnist_h5, "--out", out, "--train-limit", "2000",
+                           "--val-size", "200", "--epochs", "1", "--layers", "784,16,10",
+                           "--quiet"], timeout=60)
+    assert result.returncode == EXIT_BAD_INPUT
+    assert f"--out {out}: .lock is in the way: it is a symbolic link" in error_line(result)
+    if target == "a file":
+        assert victim.read_text() == "IMPORTANT\n"
+    assert victim.exists() == (target != "a missing file")
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
+
+
+# sizes around the first checkpoint (about 410 kB) and the second, where HDF5 used to
+# fail inside its own close (exit 1) or crash (exit 139) when it wrote to the disk itself
+FULL_DISK_KB = [96, 300, 405, 410, 415, 420, 425, 430, 600, 820, 830, 840, 1000, 1150, 1300]
+
+
+def test_a_disk_that_fills_at_any_point_ends_with_74_and_intact_files(mnist_h5, tmp_path):
+    need_root("mount small file systems")
+    args = ["--data", mnist_h5, "--train-limit", "3000", "--val-size", "300", "--epochs", "2",
+            "--layers", "784,64,10", "--checkpoint-every", "5", "--keep", "2", "--quiet"]
+    outcomes = {}
+    for kb in FULL_DISK_KB:
+        with tmpfs(tmp_path / f"disk{kb}", f"size={kb}k") as disk:
+            out = disk / "run"
+            result = launch_train([*args, "--out", out], timeout=120)
+            outcomes[kb] = result.returncode
+            assert result.returncode in (0, EXIT_OUTPUT), (kb, result.stderr)
+            assert not list(out.rglob(".*.tmp")), kb
+            for _, path in checkpoint.listing(out / "checkpoints"):
+                checkpoint.load(path)  # whole, and it verifies
+            if result.returncode == EXIT_OUTPUT:
+                line = error_line(result)
+                assert "No space left on device" in line and f"--resume --out {out}" in line, kb
+                assert not (out / "summary.json").exists()
+            else:
+                assert json.loads((out / "summary.json").read_text())["epochs"] == 2
+    assert outcomes[FULL_DISK_KB[0]] == EXIT_OUTPUT and outcomes[FULL_DISK_KB[-1]] == 0, outcomes
+
+
+@pytest.mark.parametrize("kb", [64, 1024, 20 * 1024, 52 * 1024])
+def test_data_prep_on_a_full_disk_ends_with_74_and_leaves_nothing(kb, tmp_path):
+    """The prepared file (about 56 MB) on disks too small for it: once a crash (exit 139)."""
+    need_root("mount small file systems")
+    with tmpfs(tmp_path / "disk", f"size={kb}k") as disk:
+        out = disk / "data" / "mnist.h5"
+        result = subprocess.run([sys.executable, "-m", "data_prep", "--out", str(out)], cwd=ROOT,
+                                env=run_env(), capture_output=True, text=True, timeout=120)
+        assert result.returncode == EXIT_OUTPUT, result.stderr
+        assert f"{out}: cannot write: No space left on device" in error_line(result)
+        assert list(disk.rglob("*")) in ([], [out.parent])
