@@ -19,6 +19,8 @@ Pictures and PNG input need ``pip install 'distnn[plot]'``.
 
 import argparse
 import gzip
+import io
+import struct
 import sys
 from pathlib import Path
 
@@ -30,17 +32,34 @@ from distnn import model
 from distnn.config import DEFAULT_DATA
 from distnn.data import Dataset
 from distnn.errors import OutputError, Parser, UserError, cli
+from distnn.files import regular_file, write_whole
 from distnn.plot import need_matplotlib, save_png
 from distnn.rng import Stream
-from distnn.files import write_whole
 from distnn.rundir.modelfile import load_model
 
 SIDE = IMAGE_SHAPE[0]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def read_pgm(path):
-    """A binary (P5) or plain (P2) PGM as a 2-d array of 0..255."""
-    data = Path(path).read_bytes()
+def check_size(width, height):
+    """UserError unless an image's header declares MNIST's 28x28: checked before its
+    pixels are decoded, so a huge image is refused without decoding it."""
+    if (width, height) != (SIDE, SIDE):
+        raise UserError(f"image is {width}x{height} pixels, expected {SIDE}x{SIDE} like MNIST")
+
+
+def read_png(data):
+    """A PNG's pixels as grey levels 0..255 (:func:`grey`)."""
+    if len(data) < 24 or data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR":
+        raise ValueError("not a PNG image (nor named .pgm)")
+    check_size(*struct.unpack(">II", data[16:24]))
+    plt = need_matplotlib()
+    return grey(plt.imread(io.BytesIO(data), format="png").astype(np.float64))
+
+
+def read_pgm(data):
+    """A binary (P5) or plain (P2) PGM as a 2-d array of 0..255: its size and maximum
+    value checked from the header first, then every pixel against that maximum."""
     tokens, pos = [], 0
     while len(tokens) < 4:
         while pos < len(data) and data[pos:pos + 1].isspace():
@@ -53,35 +72,45 @@ def read_pgm(path):
             end += 1
         tokens.append(data[pos:end])
         pos = end
-    magic, width, height, maxval = tokens[0], *map(int, tokens[1:])
+    magic = tokens[0]
+    if magic not in (b"P2", b"P5"):
+        raise ValueError(f"not a PGM file (magic {magic!r})")
+    width, height, maxval = (whole_number(t, "PGM header value") for t in tokens[1:])
+    check_size(width, height)
     if not 0 < maxval < 65536:
         raise ValueError(f"PGM maxval {maxval} is outside 1..65535")
+    count = width * height
     if magic == b"P5":
         kind = np.dtype(np.uint8) if maxval < 256 else np.dtype(">u2")
-        pixels = np.frombuffer(data[pos + 1:pos + 1 + width * height * kind.itemsize], kind)
-    elif magic == b"P2":
-        pixels = np.array(data[pos:].split()[:width * height], dtype=np.float64)
+        pixels = np.frombuffer(data[pos + 1:pos + 1 + count * kind.itemsize], kind)
     else:
-        raise ValueError(f"not a PGM file (magic {magic!r})")
+        pixels = np.array([whole_number(t, "P2 pixel") for t in data[pos:].split()[:count]])
+    if len(pixels) < count:
+        raise ValueError(f"holds {len(pixels)} pixels; its header declares {width}x{height}")
+    outside = pixels[(pixels < 0) | (pixels > maxval)]
+    if outside.size:
+        raise ValueError(f"pixel value {outside[0]} is outside 0..{maxval} (the PGM maxval)")
     return pixels.reshape(height, width).astype(np.float64) * (255.0 / maxval)
+
+
+def whole_number(token, what):
+    """A PGM token as an int; ValueError naming it otherwise (nan, inf, 1.5)."""
+    if not token.isdigit():
+        raise ValueError(f"{what} {token.decode(errors='replace')!r} is not a whole number")
+    return int(token)
 
 
 def read_image(path, invert):
     """A 28x28 grey image as 784 uint8 pixels, white digit on black."""
     path = Path(path)
+    regular_file(path, "--images")
     try:
-        if path.suffix.lower() in (".pgm", ".pnm"):
-            image = read_pgm(path)
-        else:
-            plt = need_matplotlib()
-            image = grey(plt.imread(path).astype(np.float64))
+        data = path.read_bytes()
+        image = read_pgm(data) if path.suffix.lower() in (".pgm", ".pnm") else read_png(data)
     except (OSError, ValueError, IndexError, SyntaxError) as exc:
         raise UserError(f"{path}: cannot read the image ({exc})") from None
     except UserError as exc:
         raise UserError(f"{path}: {exc}") from None
-    if image.shape != (SIDE, SIDE):
-        raise UserError(f"{path}: image is {image.shape[1]}x{image.shape[0]} pixels, "
-                        f"expected {SIDE}x{SIDE} like MNIST")
     if image.max() - image.min() < 1:
         raise UserError(f"{path}: the image is blank (one grey level{alpha_note(path)}); "
                         "nothing to recognise")
@@ -111,7 +140,9 @@ def load_inputs(args):
         images = np.stack([read_image(p, args.invert) for p in args.images])
         return images, None, [str(p) for p in args.images]
     if args.csv:
+        regular_file(args.csv, "--csv")
         return read_csv_images(args.csv)[0], None, None
+    regular_file(args.data, "--data")
     data = Dataset(args.data, stream=True)  # reads (and checks) only the test rows
     try:
         images, labels = data.get("test", np.arange(data.size("test")))
@@ -183,21 +214,19 @@ def show_confusion(path, labels, guesses, names):
 
 def run(args):
     model_path = Path(args.model)
-    if not model_path.is_file():
+    if not model_path.exists():
         raise UserError(f"{model_path}: no such model file (train first: python -m distnn.train)")
     params, attrs = load_model(model_path)
-    layers = attrs["layers"]
-    if layers[0] != PIXELS:
-        raise UserError(f"{model_path}: the model takes {layers[0]} inputs, but the images have "
-                        f"{PIXELS} pixels (28x28)")
     images, labels, files = load_inputs(args)
-    values = model.output_values(params, images, attrs["activation"], attrs["loss"])
+    with np.errstate(all="ignore"):  # overflow to NaN or infinity is reported below
+        values = model.output_values(params, images, attrs["activation"], attrs["loss"])
+    broken = np.count_nonzero(~np.isfinite(values).all(axis=1))
+    if broken:
+        raise UserError(f"--model {model_path}: its outputs are NaN or infinite for {broken} of "
+                        f"the {len(values)} images (weights too large to compute with)")
     digit, guesses = attrs["positive_digit"], model.guess(values)
     if digit is None:
-        if labels is not None and labels.max() >= layers[-1]:
-            raise UserError(f"{model_path}: the model has {layers[-1]} outputs, but the data has "
-                            f"labels up to {labels.max()}")
-        probs, names = values, [str(k) for k in range(layers[-1])]
+        probs, names = values, [str(k) for k in range(values.shape[1])]
         captions = labels
     else:  # one digit against the rest: classes "not D" (0) and "D" (1)
         probs = np.column_stack([1 - values[:, 0], values[:, 0]])

@@ -25,10 +25,11 @@ def prepare_default_data(cfg, comm):
 
 
 def initial_params(cfg):
-    """Random init, or the parameters of ``--init`` (which must match ``--layers``)."""
+    """Random init, or the parameters of ``--init``: a model file that
+    :func:`distnn.rundir.modelfile.load_model` accepts, with the layers of ``--layers``."""
     if not cfg.init:
         return model.init_params(cfg.layers, cfg.seed, cfg.activation, cfg.np_dtype)
-    params, attrs = modelfile.load_model(cfg.init, cfg.np_dtype)
+    params, attrs = modelfile.load_model(cfg.init, cfg.np_dtype, "--init")
     if attrs["layers"] != tuple(cfg.layers):
         raise UserError(f"--init {cfg.init}: its layers {fmt(attrs['layers'])} "
                         f"do not match --layers {fmt(cfg.layers)}")
