@@ -12,7 +12,10 @@ last step (log scale when it decays over more than a factor of 20). A dashed
 grey line marks --target (accuracy 0.98, i.e. 2 % error, by default; 0: none).
 Several runs share one figure, one colour each, labelled by the settings that
 differ between them, the rank count included: the comparison figure of a
-sweep. Needs ``pip install 'distnn[plot]'``.
+sweep. A run folder whose files are not a run's (a record that is not a JSON object
+with a whole-number epoch, a drawn value that is not a finite number, settings that
+are not a JSON object, a FIFO, a symlink) is refused with one line naming the file
+and the line. Needs ``pip install 'distnn[plot]'``.
 """
 
 import argparse
@@ -33,8 +36,11 @@ LABEL_KEYS = ("ranks", "lr", "batch_size", "momentum", "nesterov", "weight_decay
               "positive_digit", "dtype", "seed")
 TARGET = 0.98  # the default --target accuracy
 ERROR_FLOOR = 0.01  # percent: where an error of 0 (accuracy 1.0) is drawn on the log scale
-REFERENCE = dict(color="grey", linestyle="--", linewidth=1)
-
+REFERENCE = {"color": "grey", "linestyle": "--", "linewidth": 1}
+# the values drawn: each must be null or a finite number where a record holds it (the
+# trainer never records NaN or infinity: a run that diverges ends before its record)
+PLOTTED = ("elapsed_s", "lr", *(f"{split}_{key}" for split, _ in SPLITS
+                                 for key in ("acc", *(key for key, _ in COSTS))))
 
 
 def need_matplotlib():
@@ -51,7 +57,7 @@ def need_matplotlib():
 
 def load_run(folder):
     """(metrics records, settings) of a run folder: its config plus "ranks", the rank count."""
-    records, config = rundir.read_metrics(folder)
+    records, config = rundir.read_metrics(folder, numbers=PLOTTED)
     return records, {**config, "ranks": rank_count(folder, records)}
 
 

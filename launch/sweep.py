@@ -17,18 +17,22 @@ import csv
 import io
 import itertools
 import os
+import re
 import shutil
+import stat
 import subprocess
 import sys
+from contextlib import redirect_stdout, suppress
 from pathlib import Path
 
 from distnn import config, rundir
 from distnn.errors import Parser, UserError, cli
-from distnn.files import reason
+from distnn.files import atomic_write, reason
 
 HOME = Path(__file__).resolve().parents[1]
 SBATCH = HOME / "launch" / "slurm" / "sweep.sbatch"
 RESULTS = ("test_acc", "val_acc", "train_loss", "epochs", "steps", "status")
+SCORES = ("test_acc", "val_acc", "train_loss")  # a summary's numbers; epochs, steps: counts
 SWITCH = {"off": False, "on": True}
 
 
@@ -94,7 +98,8 @@ def check_grid(names, points, train_args):
     for point in points:
         where = "grid point " + " ".join(f"{n}={v}" for n, v in zip(names, point))
         try:
-            parsed = parser.parse_args(train_flags(names, point) + train_args)
+            with redirect_stdout(io.StringIO()):  # --help after -- prints nothing
+                parsed = parser.parse_args(train_flags(names, point) + train_args)
             config.from_args(parsed)
         except UserError as exc:
             raise UserError(f"{where}: {str(exc).removesuffix(' (see --help)')}") from None
@@ -108,88 +113,143 @@ def check_grid(names, points, train_args):
 
 def write_grid(folder, names, points):
     """The sweep folder: ``task-<i>`` for each point (each element's run folder), then
-    ``grid.tsv``. Nothing is left behind when a write fails (UserError naming it)."""
-    created = not folder.exists()
+    ``grid.tsv``. Nothing is left behind when a write fails (UserError naming it).
+    Returns the folders it made, the deepest first (the sweep folder and its parents)."""
+    made = [path for path in (folder, *folder.parents) if not os.path.lexists(path)]
     try:
         folder.mkdir(parents=True, exist_ok=True)
         for task in range(len(points)):
             (folder / f"task-{task}").mkdir()
         lines = ["\t".join(["task", *names])]
         lines += ["\t".join(map(str, [task, *point])) for task, point in enumerate(points)]
-        (folder / "grid.tsv").write_text("\n".join(lines) + "\n")
+        write_text(folder / "grid.tsv", "\n".join(lines) + "\n")
     except OSError as exc:
-        remove_grid(folder, len(points), created)
+        remove_grid(folder, len(points), made)
         raise UserError(f"cannot write the sweep into {folder}: {reason(exc)}") from None
-    return created
+    return made
 
 
-def remove_grid(folder, n_points, created):
-    """Undo :func:`write_grid` (a sweep that was not submitted)."""
-    (folder / "grid.tsv").unlink(missing_ok=True)
+def remove_grid(folder, n_points, made):
+    """Undo :func:`write_grid` (a sweep that was not submitted): its files, then the
+    folders it ``made`` (only while empty)."""
+    with suppress(OSError):
+        (folder / "grid.tsv").unlink()
     for task in range(n_points):
-        try:
+        with suppress(OSError):
             (folder / f"task-{task}").rmdir()
-        except OSError:
-            pass
-    if created:
-        shutil.rmtree(folder, ignore_errors=True)
+    for path in made:
+        with suppress(OSError):
+            path.rmdir()
+
+
+def write_text(path, text):
+    """``text`` written whole into ``path`` (never through a symlink placed there)."""
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def check_new_folder(folder):
+    """UserError unless ``folder`` is an empty folder or can be created (as far as a
+    look tells: not under a file, nor a name too long)."""
+    try:
+        mode = os.stat(folder).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise UserError(f"{folder}: cannot create it: {reason(exc)}") from None
+    if not stat.S_ISDIR(mode):
+        raise UserError(f"{folder}: is a file, not a folder")
+    if os.path.lexists(folder / "grid.tsv"):
+        raise UserError(f"{folder}: already holds a sweep; choose another folder")
+    if any(folder.iterdir()):
+        raise UserError(f"{folder}: is not empty; choose a new or empty folder")
 
 
 def submit(args, train_args):
     folder = args.folder.resolve()
-    if (folder / "grid.tsv").exists():
-        raise UserError(f"{folder}: already holds a sweep; choose another folder")
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"{folder}: is a file, not a folder")
-    if folder.is_dir() and any(folder.iterdir()):
-        raise UserError(f"{folder}: is not empty; choose a new or empty folder")
+    check_new_folder(folder)
     if args.ntasks < 1:
         raise UserError(f"--ntasks must be at least 1, got {args.ntasks}")
     names, points = make_grid(vars(args))
     check_grid(names, points, train_args)
     if shutil.which("sbatch") is None:
         raise UserError("sbatch not found: is this a Slurm login node?")
-    created = write_grid(folder, names, points)
+    made = write_grid(folder, names, points)
     env = dict(os.environ, DISTNN_SWEEP=str(folder), DISTNN_HOME=str(HOME),
                DISTNN_PYTHON=os.environ.get("DISTNN_PYTHON", sys.executable))
     command = ["sbatch", "--parsable", f"--array=0-{len(points) - 1}", f"--ntasks={args.ntasks}",
                f"--output={folder}/task-%a/job.out", *args.sbatch_arg, str(SBATCH), *train_args]
     if args.wait:
         command.insert(1, "--wait")
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         if not done.stdout.strip():  # nothing submitted: leave nothing behind
-            remove_grid(folder, len(points), created)
+            remove_grid(folder, len(points), made)
         raise UserError(f"sbatch failed: {done.stderr.strip()}")
     job = done.stdout.strip().split(";")[0]
     return f"submitted {len(points)} settings as job array {job}; results in {folder}"
 
 
-def collect(folder):
-    grid_file = folder / "grid.tsv"
-    if not grid_file.exists():
+def read_grid(folder):
+    """(column names, [{name: value} for each task]) of the sweep's grid.tsv, blank lines
+    left out; UserError naming the file, and the line, when it is not a grid."""
+    path = folder / "grid.tsv"
+    data = rundir.read_bytes(path)
+    if data is None:
         raise UserError(f"{folder}: no grid.tsv; is this a sweep folder?")
-    header, *lines = grid_file.read_text().splitlines()
+    lines = [(number, line) for number, line in enumerate(rundir.utf8(data, path).split("\n"), 1)
+             if line.strip()]
+    if not lines:
+        raise UserError(f"{path}: is empty; launch.sweep submit writes a header and a line per task")
+    (number, header), *lines = lines
     names = header.split("\t")  # task, then the swept settings (lr, batch_size before v2)
+    if names[0] != "task":
+        raise UserError(f"{path} line {number}: the header does not start with the task column")
+    points = []
+    for number, line in lines:
+        point = dict(zip(names, line.split("\t")))
+        if not re.fullmatch(r"[0-9]{1,9}", point["task"]):
+            raise UserError(f"{path} line {number}: task {point['task'][:40]!r} is not an array "
+                            "task number (0, 1, ...)")
+        points.append(point)
+    return names, points
+
+
+def results(summary, path):
+    """The RESULTS a summary holds; UserError naming ``path`` for one that is not a
+    finite number (a score) or a whole number (a count), or null."""
+    found = {k: summary.get(k) for k in RESULTS[:-1]}
+    for key, value in found.items():
+        kinds = (int, float) if key in SCORES else (int,)
+        if value is not None and not (type(value) in kinds and abs(value) <= rundir.LARGEST):
+            raise UserError(f"{path}: {key} {rundir.shown(value)} is not a "
+                            f"{'finite' if key in SCORES else 'whole'} number")
+    return found
+
+
+def collect(folder):
+    names, points = read_grid(folder)
     rows = []
-    for line in lines:
-        row = dict(zip(names, line.split("\t")), status="missing")
+    for point in points:
+        row = {**point, "task": int(point["task"]), "status": "missing"}
         run = folder / f"task-{row['task']}"
-        row["task"] = int(row["task"])
         summary = rundir.read_summary(run)
         if summary is not None:
-            row.update({k: summary.get(k) for k in RESULTS[:-1]}, status="done")
+            row.update(results(summary, run / rundir.SUMMARY), status="done")
         elif rundir.started(run) or (run / "job.out").exists():
             row["status"] = "unfinished"
         rows.append(row)
     rows.sort(key=lambda r: (r.get("test_acc") is None, -(r.get("test_acc") or 0), r["task"]))
     columns = names + list(RESULTS)
-    with open(folder / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows({k: r.get(k) for k in columns} for r in rows)
+    spreadsheet = io.StringIO(newline="")
+    writer = csv.DictWriter(spreadsheet, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows({k: r.get(k) for k in columns} for r in rows)
     table = markdown(rows, columns)
-    (folder / "results.md").write_text(table)
+    for name, text in (("results.csv", spreadsheet.getvalue()), ("results.md", table)):
+        try:
+            write_text(folder / name, text)
+        except OSError as exc:
+            raise UserError(f"cannot write {folder / name}: {reason(exc)}") from None
     return table
 
 

@@ -4,10 +4,11 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import pytest
-
 from conftest import ROOT, error_line, run_env
+
 from launch import sweep
 
 SWEEP_SBATCH = ROOT / "launch" / "slurm" / "sweep.sbatch"
@@ -19,7 +20,7 @@ def test_local_launcher_runs_n_ranks(mnist_h5, tmp_path):
     result = subprocess.run(["bash", str(ROOT / "launch" / "local.sh"), "-n", "3", "--data",
                              str(mnist_h5), "--out", str(tmp_path), "--train-limit", "300",
                              "--val-size", "0", "--epochs", "1", "--layers", "784,8,10"],
-                            env=env, capture_output=True, text=True, timeout=120)
+                            env=env, capture_output=True, text=True, check=False, timeout=120)
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "summary.json").read_text())["world_size"] == 3
 
@@ -41,7 +42,7 @@ def sweep_cli(*args):
     env = run_env()
     env["PATH"] = os.environ["PATH"]
     return subprocess.run([sys.executable, "-m", "launch.sweep", *map(str, args)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=60)
+                          env=env, capture_output=True, text=True, check=False, timeout=60)
 
 
 def test_grid_of_three_settings_in_fixed_order(fake_sbatch, tmp_path):
@@ -65,7 +66,7 @@ def element_args(folder, task, home):
     env = dict(os.environ, SLURM_ARRAY_TASK_ID=str(task), DISTNN_SWEEP=str(folder),
                DISTNN_HOME=str(home))
     done = subprocess.run(["bash", str(SWEEP_SBATCH), "--epochs", "1"], env=env,
-                          capture_output=True, text=True, timeout=30)
+                          capture_output=True, text=True, check=False, timeout=30)
     return done.returncode, done.stdout.splitlines(), done.stderr
 
 
@@ -185,7 +186,140 @@ def test_a_sweep_not_submitted_leaves_nothing_behind(tmp_path, monkeypatch):
 def test_nodes_status_answers_with_or_without_nodes():
     """launch/nodes.sh status needs no root and always says what is there."""
     done = subprocess.run(["bash", str(ROOT / "launch" / "nodes.sh"), "status"],
-                          capture_output=True, text=True, timeout=30)
+                          capture_output=True, text=True, check=False, timeout=30)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines == ["nodes.sh: no simulated nodes"] or lines[0].startswith("bridge distnn-br0")
+
+
+SUMMARY = {"test_acc": 0.9, "val_acc": 0.89, "train_loss": 0.3, "epochs": 2, "steps": 40}
+BAD_SWEEPS = {  # case: (grid.tsv, task-0's summary, the error after the sweep folder)
+    "an empty grid": ("", None, "grid.tsv: is empty; launch.sweep submit writes a header"),
+    "a blank grid": ("\n  \n", None, "grid.tsv: is empty"),
+    "a task that is not a number": ("task\tlr\n0\t0.1\n\nx\t1.0\n", None,
+                                    "grid.tsv line 4: task 'x' is not an array task number"),
+    "a negative task": ("task\tlr\n-1\t0.1\n", None, "grid.tsv line 2: task '-1' is not an array"),
+    "no task column": ("lr\n0.1\n", None,
+                       "grid.tsv line 1: the header does not start with the task column"),
+    "non-UTF-8 bytes": (b"task\tlr\n0\t0.1\n1\t\xff\n", None, "grid.tsv line 3: not UTF-8 text"),
+    "a string score": (None, {**SUMMARY, "test_acc": "0.9"},
+                       'task-0/summary.json: test_acc "0.9" is not a finite number'),
+    "a list score": (None, {**SUMMARY, "val_acc": [0.9]},
+                     "task-0/summary.json: val_acc [0.9] is not a finite number"),
+    "a NaN score": (None, {**SUMMARY, "test_acc": float("nan")},
+                    "task-0/summary.json: test_acc NaN is not a finite number"),
+    "a fractional count": (None, {**SUMMARY, "steps": 1.5},
+                           "task-0/summary.json: steps 1.5 is not a whole number"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SWEEPS)
+def test_collect_refuses_a_grid_or_summary_that_is_not_a_sweeps_in_one_line(tmp_path, capsys,
+                                                                             case):
+    grid, summary, message = BAD_SWEEPS[case]
+    grid = "task\tlr\n0\t0.1\n1\t1.0\n" if grid is None else grid
+    (tmp_path / "grid.tsv").write_bytes(grid.encode() if isinstance(grid, str) else grid)
+    for task, written in ((0, summary), (1, SUMMARY)):
+        if written is not None:
+            (tmp_path / f"task-{task}").mkdir()
+            (tmp_path / f"task-{task}" / "summary.json").write_text(json.dumps(written))
+    assert sweep.main(["collect", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"launch.sweep: error: {tmp_path}/") and message in err, err
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "results.csv").exists() and not (tmp_path / "results.md").exists()
+
+
+def test_collect_skips_blank_lines(tmp_path):
+    (tmp_path / "grid.tsv").write_text("\ntask\tlr\n\n0\t0.1\n  \n1\t1.0\n\n")
+    (tmp_path / "task-1").mkdir()
+    (tmp_path / "task-1" / "summary.json").write_text(json.dumps(SUMMARY))
+    sweep.collect(tmp_path)
+    assert (tmp_path / "results.csv").read_text().splitlines() == [
+        "task,lr,test_acc,val_acc,train_loss,epochs,steps,status",
+        "1,1.0,0.9,0.89,0.3,2,40,done", "0,0.1,,,,,,missing"]
+
+
+@contextmanager
+def read_only(folder):
+    """``folder`` read-only for the block: bound read-only onto itself as root (who may
+    write anywhere else), else without its write permission."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            folder.chmod(0o755)
+        return
+    subprocess.run(["mount", "--bind", str(folder), str(folder)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], check=True)
+        yield
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_collect_results_that_cannot_be_written_are_one_line(tmp_path, capsys):
+    """results.csv or results.md a folder, or a read-only sweep folder: one line naming
+    the file, and neither file half written."""
+    folder = tmp_path / "s"
+    sweep.write_grid(folder, ["lr"], [(0.1,)])
+    for name in ("results.csv", "results.md"):
+        (folder / name).mkdir()
+        assert sweep.main(["collect", str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert err == f"launch.sweep: error: cannot write {folder / name}: Is a directory\n"
+        (folder / name).rmdir()
+    (folder / "results.csv").unlink()  # written before results.md was refused
+    with read_only(folder):
+        assert sweep.main(["collect", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"launch.sweep: error: cannot write {folder / 'results.csv'}: ")
+    assert len(err.splitlines()) == 1 and sorted(os.listdir(folder)) == ["grid.tsv", "task-0"]
+
+
+def test_no_fifo_or_symlink_in_a_sweep_folder_is_opened_or_followed(tmp_path):
+    """A FIFO as grid.tsv or a task's summary.json is refused before it is opened (it
+    would block for ever); a symlinked grid.tsv is refused and a symlinked results.csv
+    replaced, its target left alone."""
+    folder, outside = tmp_path / "s", tmp_path / "outside"
+    sweep.write_grid(folder, ["lr"], [(0.1,), (1.0,)])
+    os.mkfifo(folder / "task-1" / "summary.json")
+    result = sweep_cli("collect", folder)
+    assert result.returncode == 2 and error_line(result) == (
+        f"launch.sweep: error: cannot read {folder}/task-1/summary.json: is a FIFO, not a "
+        "regular file")
+    (folder / "task-1" / "summary.json").unlink()
+    outside.write_text((folder / "grid.tsv").read_text())
+    for kind in ("a FIFO", "a symbolic link"):
+        (folder / "grid.tsv").unlink()
+        os.mkfifo(folder / "grid.tsv") if kind == "a FIFO" else (folder / "grid.tsv").symlink_to(outside)
+        result = sweep_cli("collect", folder)
+        assert result.returncode == 2 and error_line(result) == (
+            f"launch.sweep: error: cannot read {folder}/grid.tsv: is {kind}, not a regular file")
+    (folder / "grid.tsv").unlink()
+    (folder / "grid.tsv").write_text(outside.read_text())
+    (folder / "results.csv").symlink_to(outside)
+    assert sweep_cli("collect", folder).returncode == 0
+    assert outside.read_text() == "task\tlr\n0\t0.1\n1\t1.0\n"
+    assert not (folder / "results.csv").is_symlink()
+    assert (folder / "results.csv").read_text().startswith("task,lr,test_acc")
+
+
+def test_submit_refusals_are_one_line_and_print_nothing_else(fake_sbatch, tmp_path):
+    """Under a file, a name too long (in a new folder too: it is not left behind), and
+    -- --help (no help printed before the error)."""
+    (tmp_path / "file").write_text("x")
+    long_name = "x" * 300
+    cases = {tmp_path / "file" / "s": "{}: cannot create it: Not a directory",
+             tmp_path / long_name: "{}: cannot create it: File name too long",
+             tmp_path / "new" / long_name: "cannot write the sweep into {}: File name too long"}
+    for folder, message in cases.items():
+        result = sweep_cli("submit", folder, "--lr", "0.1", "--", "--epochs", "1")
+        assert result.returncode == 2 and result.stdout == ""
+        assert error_line(result) == "launch.sweep: error: " + message.format(folder)
+    for asked in ("--help", "-h", "--hel"):
+        result = sweep_cli("submit", tmp_path / "h", "--lr", "0.1", "--", "--epochs", "1", asked)
+        assert result.returncode == 2 and result.stdout == "", result.stdout[:200]
+        assert "the arguments after -- ask for help, not a run" in error_line(result)
+    assert sorted(os.listdir(tmp_path)) == ["bin", "file"] and not fake_sbatch.exists()

@@ -5,10 +5,14 @@ so no training is needed.
 """
 
 import json
+import os
 import struct
+import subprocess
+import sys
 import warnings
 
 import pytest
+from conftest import ROOT, error_line, run_env
 
 from distnn import plot
 
@@ -85,10 +89,10 @@ def test_six_panels_log_error_and_seconds(tmp_path):
     assert ax["accuracy vs epoch (from epoch 1)"].get_yscale() == "linear"
     seconds = data_lines(ax["error vs time (log scale)"])
     assert len(seconds) == 3  # train, val, test
-    val = [line for line in seconds if line.get_linestyle() == "--"][0]
+    val = next(line for line in seconds if line.get_linestyle() == "--")
     assert list(val.get_xdata()) == [r["elapsed_s"] for r in records] == [0, 7.5, 15, 22.5, 30]
     assert list(val.get_ydata()) == pytest.approx([100 * (1 - r["val_acc"]) for r in records])
-    train = [line for line in seconds if line.get_linestyle() == "-"][0]
+    train = next(line for line in seconds if line.get_linestyle() == "-")
     assert list(train.get_xdata()) == [r["elapsed_s"] for r in records[1:]]  # no epoch-0 train_acc
     by_epoch = data_lines(ax["error vs epoch (log scale)"])
     assert {tuple(line.get_xdata()) for line in by_epoch} == {(0, 1, 2, 3, 4), (1, 2, 3, 4)}
@@ -148,7 +152,7 @@ def test_perfect_accuracy_is_drawn_at_the_floor_without_warnings(tmp_path):
         fig = plot.figure([run])
         fig.canvas.draw()
     lines = data_lines(panels(fig)["error vs epoch (log scale)"])
-    test = [line for line in lines if line.get_linestyle() == ":"][0]
+    test = next(line for line in lines if line.get_linestyle() == ":")
     assert list(test.get_ydata()) == pytest.approx([89, plot.ERROR_FLOOR, plot.ERROR_FLOOR,
                                                     plot.ERROR_FLOOR])
 
@@ -191,3 +195,98 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         assert plot.main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+GOOD = '{"epoch": 0, "val_acc": 0.1}\n'
+BAD_RUNS = {  # case: (metrics.jsonl, config.json or None for none, the error after the path)
+    "a list": (GOOD + "[1, 2]\n", None, "metrics.jsonl line 2: [1, 2] is not a JSON object"),
+    "null": (GOOD + "\nnull\n", None, "metrics.jsonl line 3: null is not a JSON object"),
+    "a number": (GOOD + "3\n", None, "metrics.jsonl line 2: 3 is not a JSON object"),
+    "no epoch": (GOOD + '{"val_acc": 0.5}\n', None, "metrics.jsonl line 2: the record has no epoch"),
+    "a string epoch": (GOOD + '{"epoch": "1"}\n', None,
+                       'metrics.jsonl line 2: epoch "1" is not a whole number from 0 to 1e+15'),
+    "epoch 1e308": (GOOD + '{"epoch": 1e308}\n', None, "line 2: epoch 1e+308 is not a whole number"),
+    "a negative epoch": (GOOD + '{"epoch": -1}\n', None, "line 2: epoch -1 is not a whole number"),
+    "Infinity": (GOOD + '{"epoch": 1, "lr": Infinity}\n', None, "line 2: lr Infinity is not a finite"),
+    "-Infinity": (GOOD + '{"epoch": 1, "elapsed_s": -Infinity}\n', None,
+                  "line 2: elapsed_s -Infinity is not a finite number"),
+    "a huge cost": (GOOD + '{"epoch": 1, "val_cross_entropy": 1e308}\n', None,
+                    "line 2: val_cross_entropy 1e+308 is not a finite number of at most 1e+15"),
+    "a string accuracy": (GOOD + '{"epoch": 1, "test_acc": "0.9"}\n', None,
+                          'line 2: test_acc "0.9" is not a finite number'),
+    "not JSON": (GOOD + '{"epoch": 1,\n', None, "metrics.jsonl line 2: not JSON"),
+    "nested too deeply": (GOOD + "[" * 100000 + "]" * 100000 + "\n", None,
+                          "metrics.jsonl line 2: JSON nested too deeply"),
+    "non-UTF-8 metrics": (GOOD.encode() + b'{"epoch": 1, "x": "\xff"}\n', None,
+                          "metrics.jsonl line 2: not UTF-8 text"),
+    "non-UTF-8 config": (GOOD, b'{\n"lr": "\xff"}', "config.json line 2: not UTF-8 text"),
+    "config a list": (GOOD, "[1, 2]", "config.json: [1, 2] is not a JSON object of settings"),
+    "config a string": (GOOD, '"lr"', 'config.json: "lr" is not a JSON object of settings'),
+    "config not JSON": (GOOD, '{\n"lr": }', "config.json line 2: not JSON"),
+    "metrics a folder": (None, None, "metrics.jsonl: is a folder, not a regular file"),
+    "config a folder": (GOOD, True, "config.json: is a folder, not a regular file"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_RUNS)
+def test_a_run_folder_that_is_not_a_run_is_one_line(tmp_path, capsys, case):
+    metrics, config, message = BAD_RUNS[case]
+    run = tmp_path / "run"
+    run.mkdir()
+    for name, content in (("metrics.jsonl", metrics), ("config.json", config)):
+        if isinstance(content, (str, bytes)):
+            (run / name).write_bytes(content.encode() if isinstance(content, str) else content)
+        elif content is not None or name == "metrics.jsonl":
+            (run / name).mkdir()
+    assert plot.main([str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("distnn.plot: error: ") and f"{run}" in err, err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (run / "curves.png").exists()
+
+
+def test_null_or_absent_values_are_no_points_but_nan_is_refused(tmp_path, capsys):
+    """What the trainer writes plots: null (samples_per_s, an lr not logged yet) and no
+    val_* at all (--val-size 0). It never records NaN (a run that diverges ends first):
+    a NaN is not drawn as a gap but refused."""
+    run, records = write_run(tmp_path / "a", ranks=1)
+    lines = [json.dumps({**{k: v for k, v in r.items() if not k.startswith("val_")},
+                         "samples_per_s": None, "lr": None if r["epoch"] < 2 else 0.1})
+             for r in records]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n\n")
+    ax = panels(plot.figure([run]))
+    assert [line.get_linestyle() for line in data_lines(ax["error vs epoch (log scale)"])] == ["-", ":"]
+    [lr] = data_lines(ax["learning rate at each epoch's last step"])
+    assert list(lr.get_xdata()) == [2, 3, 4]
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"epoch": 5, "test_acc": NaN}\n')
+    assert plot.main([str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"distnn.plot: error: {run / 'metrics.jsonl'} line 7: test_acc NaN is not a " \
+                  "finite number of at most 1e+15 in size\n"
+
+
+def plot_cli(*args):
+    """``python -m distnn.plot args...``: in a process of its own, as a blocked open()
+    would block the test too."""
+    return subprocess.run([sys.executable, "-m", "distnn.plot", *map(str, args)], cwd=ROOT,
+                          env=run_env(), capture_output=True, text=True, timeout=30, check=False)
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "config.json", "summary.json"])
+def test_a_fifo_or_symlink_in_the_run_folder_is_refused_unopened(tmp_path, name):
+    """summary.json too: it is read for the rank count of records without one."""
+    run, _ = write_run(tmp_path / "run", summary={"world_size": 2})
+    elsewhere = tmp_path / name
+    elsewhere.write_bytes((run / name).read_bytes())
+    for kind in ("a FIFO", "a symbolic link"):
+        (run / name).unlink()
+        if kind == "a FIFO":
+            os.mkfifo(run / name)
+        else:
+            (run / name).symlink_to(elsewhere)
+        result = plot_cli(run)
+        assert result.returncode == 2
+        line = error_line(result)
+        assert line == f"distnn.plot: error: cannot read {run / name}: is {kind}, not a regular file"
+        assert not (run / "curves.png").exists()
