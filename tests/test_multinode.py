@@ -3,9 +3,12 @@ mpirun's hydra with launch/node-exec as its "ssh": the result equals one process
 ranks of different nodes talk over TCP, a lost node ends the job promptly and a resume on
 the node left reproduces the uninterrupted run, and nodes with other numerics agree."""
 
+import os
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -52,6 +55,38 @@ def tcp_peers(node, pids):
             for line in listing.splitlines() if any(f"pid={p}," in line for p in pids)}
 
 
+def stat_fields(pid):
+    """/proc/<pid>/stat's fields after the command name: state, ppid, …, start time at
+    index 19 (None once the process is gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def job_processes(node, launcher):
+    """(pid, start time) of each process on ``node`` that descends from ``launcher`` (the
+    job's mpirun): the job's ranks and hydra's proxy, not what else runs there (a slurmd)."""
+    found = set()
+    for pid in subprocess.run(["ip", "netns", "pids", f"distnn-{node}"], capture_output=True,
+                              text=True, check=True).stdout.split():
+        fields = stat_fields(pid)
+        start, ancestor = fields and fields[19], int(pid)
+        while fields and ancestor not in (0, 1, launcher):
+            ancestor = int(fields[1])
+            fields = stat_fields(ancestor)
+        if ancestor == launcher:
+            found.add((int(pid), start))
+    return found
+
+
+def running(processes):
+    """Those of ``processes`` (pid, start time) still running: not a zombie, nor a new
+    process that reuses the pid."""
+    return {(pid, start) for pid, start in processes
+            if (fields := stat_fields(pid)) and fields[0] != "Z" and fields[19] == start}
+
+
 def first_checkpoint_and_ranks(out, ranks):
     wait_for(lambda: checkpoint.listing(out / "checkpoints"), 90, "the first checkpoint")
     return wait_for(lambda: len(rank_pids(out)) == ranks and rank_pids(out), 30, "the ranks")
@@ -79,20 +114,19 @@ def test_a_lost_node_ends_the_job_and_the_other_node_resumes_it(simulated_nodes,
                                                                mnist_h5, tmp_path):
     args = ["--data", mnist_h5, "--out", tmp_path, *ARGS]
     job = start_on_nodes("node1:2,node2:2", 4, args)
-    with frozen(first_checkpoint_and_ranks(tmp_path, 4)):  # mid-run, far from its end
+    ranks = first_checkpoint_and_ranks(tmp_path, 4)
+    with frozen(ranks):  # mid-run, far from its end
         assert not (tmp_path / "summary.json").exists()
-        lost = subprocess.run(["ip", "netns", "pids", "distnn-node2"], capture_output=True,
-                              text=True, check=True).stdout.split()
+        left, lost = job_processes("node1", job.pid), job_processes("node2", job.pid)
+        assert [len({pid for pid, _ in on_node} & set(ranks)) for on_node in (left, lost)] == [2, 2]
         died = time.monotonic()
-        for pid in lost:  # every process of node2 at once: its ranks and hydra's proxy
-            subprocess.run(["kill", "-KILL", pid], capture_output=True)
+        for pid, _ in lost:  # the job's every process on node2 at once: ranks, hydra's proxy
+            os.kill(pid, signal.SIGKILL)
     _, err = job.communicate(timeout=60)
     assert time.monotonic() - died < 30, err
     assert job.returncode != 0
     assert not (tmp_path / "summary.json").exists()
-    wait_for(lambda: not subprocess.run(["ip", "netns", "pids", "distnn-node1"], text=True,
-                                        capture_output=True).stdout.split(),
-             30, "node1's ranks to be gone too")
+    wait_for(lambda: not running(left), 30, "node1's ranks to be gone too")
     resumed = subprocess.run([*node_mpirun("node1:2"), "-n", "2", *TRAIN, *map(str, args),
                               "--resume"], cwd=ROOT, env=run_env(), capture_output=True,
                              text=True, timeout=180)

@@ -1,30 +1,40 @@
-"""The batch scripts on a real Slurm cluster: same bits as mpirun, requeue on signal, sweeps.
+"""The batch scripts on a real Slurm cluster: same bits as mpirun, requeue on signal, sweeps;
+and local-cluster.sh itself: every CPU of this host, a clear word on a foreign state directory.
 
 Start a one-node cluster with ``launch/slurm/local-cluster.sh start`` (root);
-without one these tests are skipped, unless DISTNN_REQUIRE_SLURM=1 (as in CI)
-makes that a failure. A test that signals a job holds the ranks still until the
+without one the batch-script tests are skipped, unless DISTNN_REQUIRE_SLURM=1 (as in
+CI) makes that a failure. A test that signals a job holds the ranks still until the
 signal has reached them (``deliver_while_frozen``), so the job cannot finish
-before the signal lands, however loaded the machine.
+before the signal lands, however loaded the machine. The tests of local-cluster.sh
+need root and Slurm installed, start the cluster themselves and leave it as they
+found it (running on the nodes it had, or stopped).
 """
 
 import json
+import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from conftest import (ROOT, deliver_while_frozen, frozen, has_signal, need_slurm,
+from conftest import (ROOT, deliver_while_frozen, frozen, has_signal, need_root, need_slurm,
                       proc_status, rank_pids, run_env, run_result, trained, wait_for)
 from distnn.rundir import checkpoint
 
 pytestmark = pytest.mark.slurm
+CLUSTER = ROOT / "launch" / "slurm" / "local-cluster.sh"
 TRAIN_SBATCH = ROOT / "launch" / "slurm" / "train.sbatch"
+SLURM_CONF = Path("/etc/slurm/slurm.conf")
+STATE = Path("/var/spool/slurmctld")  # local-cluster.sh's StateSaveLocation
 ARGS = ["--train-limit", "3200", "--val-size", "200", "--epochs", "3", "--layers", "784,32,10",
         "--batch-size", "32", "--checkpoint-every", "10"]
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def cluster():
     need_slurm()
 
@@ -95,7 +105,7 @@ def test_signal_requeues_and_resumes_to_the_same_result(direct, mnist_h5, tmp_pa
     assert run_result(out) == direct
 
 
-def test_plain_scancel_checkpoints_and_ends_without_requeue(mnist_h5, tmp_path):
+def test_plain_scancel_checkpoints_and_ends_without_requeue(cluster, mnist_h5, tmp_path):
     out = tmp_path / "slurm"
     job = submit(mnist_h5, tmp_path, out)
     pids = ranks_after_first_checkpoint(out)
@@ -132,7 +142,7 @@ def test_a_signal_as_the_job_finishes_ends_it_complete(direct, mnist_h5, tmp_pat
     assert not list(out.rglob(".*.tmp")) and "Killed" not in log
 
 
-def test_sweep_array_and_collected_table(mnist_h5, tmp_path):
+def test_sweep_array_and_collected_table(cluster, mnist_h5, tmp_path):
     folder = tmp_path / "sweep"
     env = run_env()
     env["DISTNN_PYTHON"] = sys.executable
@@ -168,3 +178,98 @@ def test_sweep_array_and_collected_table(mnist_h5, tmp_path):
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith("task-")) == \
         [f"task-{i}" for i in range(4)]  # logs live inside the run folders
     assert all((folder / f"task-{i}" / "job.out").exists() for i in range(4))
+
+
+# -- local-cluster.sh ------------------------------------------------------------------
+
+def configured_nodes():
+    """How many simulated nodes the cluster's slurm.conf has (0: this host alone)."""
+    try:
+        text = SLURM_CONF.read_text()
+    except OSError:
+        return 0
+    return len(re.findall(r"^NodeName=node\d+ ", text, re.MULTILINE))
+
+
+def local_cluster(*args, env=None):
+    return subprocess.run(["bash", str(CLUSTER), *args], capture_output=True, text=True,
+                          timeout=120, env=env, check=False)
+
+
+def cluster_start(*args, env=None):
+    done = local_cluster("start", *args, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def slurmctld_pids():
+    return subprocess.run(["pgrep", "-x", "slurmctld"], capture_output=True, text=True,
+                          check=False).stdout
+
+
+def output(*command):
+    return subprocess.run(command, capture_output=True, text=True, check=True,
+                          timeout=60).stdout.strip()
+
+
+@pytest.fixture
+def cluster_as_found():
+    """The arguments that start the cluster as it is configured now (its simulated nodes
+    while it runs, else this host alone); after the test, the cluster as it was found:
+    started so again, or stopped. Skipped without root or Slurm installed."""
+    need_root("start the local Slurm cluster")
+    if shutil.which("slurmctld") is None:
+        problem = "Slurm is not installed; run: launch/slurm/local-cluster.sh install"
+        if os.environ.get("DISTNN_REQUIRE_SLURM") == "1":
+            pytest.fail(problem)
+        pytest.skip(problem)
+    running = bool(slurmctld_pids())
+    nodes = configured_nodes() if running else 0
+    args = ["--nodes", str(nodes)] if nodes else []
+    yield args
+    if running:
+        cluster_start(*args)
+    else:
+        stopped = local_cluster("stop")
+        assert stopped.returncode == 0, stopped.stderr
+
+
+def test_start_gives_this_host_every_cpu_whatever_omp_num_threads(cluster_as_found):
+    """OMP_NUM_THREADS=1, as clusters and distnn's own runs export it, once made the node
+    claim one CPU, and ``srun -n 2`` waited for ever."""
+    cpus = int(output("nproc", "--all"))
+    if cpus < 2:
+        pytest.skip("one CPU here: any OMP_NUM_THREADS gives the right count")
+    cluster_start(*cluster_as_found, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    host = output("hostname", "-s")
+    assert f" CPUTot={cpus} " in f" {output('scontrol', 'show', 'node', host, '-o')} "
+    job = subprocess.run(["srun", "-p", "debug", "-n", "2", "hostname", "-s"],
+                         capture_output=True, text=True, timeout=600, check=False)
+    assert job.returncode == 0, job.stderr
+    assert job.stdout.split() == [host, host]
+
+
+def test_start_refuses_another_clusters_state_in_one_line(cluster_as_found):
+    """slurmctld will not start on a state directory written for another cluster name:
+    start says so and how to fix it, before it touches a daemon."""
+    name_file = STATE / "clustername"
+    made = not STATE.exists()
+    STATE.mkdir(parents=True, exist_ok=True)
+    kept = name_file.read_bytes() if name_file.exists() else None
+    before = slurmctld_pids()
+    name_file.write_bytes(b"other-cluster")
+    try:
+        started = local_cluster("start", *cluster_as_found)
+    finally:
+        if kept is not None:
+            name_file.write_bytes(kept)
+        else:
+            name_file.unlink()
+            if made:
+                STATE.rmdir()
+    assert started.returncode == 2 and started.stdout == "", started.stdout + started.stderr
+    assert started.stderr == (
+        f"local-cluster.sh: {STATE} holds the state of another Slurm cluster, other-cluster "
+        f"(this one is distnn-test), which slurmctld will not take over; move it aside "
+        f"(mv {STATE} {STATE}.old) and run start again\n")
+    assert slurmctld_pids() == before

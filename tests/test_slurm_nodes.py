@@ -14,7 +14,6 @@ requeued job does the other 43 (a whole run takes 0.2 s here: waiting for a late
 checkpoint would race it).
 """
 
-import re
 import signal
 import subprocess
 import sys
@@ -23,30 +22,13 @@ import pytest
 
 from conftest import (ROOT, catching_ranks, deliver_while_frozen, need_slurm, run_env,
                       run_result, trained, wait_for)
+from test_slurm import cluster_start, configured_nodes
 
 pytestmark = [pytest.mark.slurm, pytest.mark.multinode]
-CLUSTER = ROOT / "launch" / "slurm" / "local-cluster.sh"
 TRAIN_SBATCH = ROOT / "launch" / "slurm" / "train.sbatch"
-SLURM_CONF = "/etc/slurm/slurm.conf"
 ARGS = ["--train-limit", "1200", "--val-size", "100", "--epochs", "2", "--layers", "784,16,10",
         "--batch-size", "50", "--checkpoint-every", "5", "--log-every", "0"]
 STEPS = 2 * (1200 - 100) // 50  # the run's last step
-
-
-def configured_nodes():
-    """How many simulated nodes the cluster's slurm.conf has (0: this host alone)."""
-    try:
-        text = open(SLURM_CONF).read()
-    except OSError:
-        return 0
-    return len(re.findall(r"^NodeName=node\d+ ", text, re.M))
-
-
-def cluster_start(*args):
-    done = subprocess.run(["bash", str(CLUSTER), "start", *args], capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done
 
 
 @pytest.fixture(scope="module")

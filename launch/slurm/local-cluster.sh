@@ -14,8 +14,11 @@
 # removes them, slurmds and all. start is idempotent: it starts only what is not
 # running. When the configuration changes (another --nodes, or none: back to this host
 # alone), it restarts the daemons with it; slurmctld keeps its jobs across that restart.
+# A state directory another cluster wrote (slurmctld will not start on it) stops start
+# with one line before it touches a daemon.
 set -euo pipefail
 
+CLUSTER=distnn-test
 CONF_DIR=/etc/slurm
 STATE=/var/spool/slurmctld
 SPOOL=/var/spool/slurmd   # one directory per node below it, as %n
@@ -41,13 +44,13 @@ node_cpus() {  # node_cpus I: node i's slots in nodes.sh's hostfile (2 if it doe
 config() {  # config N: slurm.conf for this host plus N simulated nodes
     local n=$1 host cpus mem i
     host=$(hostname -s)
-    cpus=$(nproc)
+    cpus=$(nproc --all)  # every CPU: plain nproc honours OMP_NUM_THREADS (1 in many shells)
     mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024 ))
     # SlurmctldHost by name: this host's clients resolve it as always, the nodes through
     # nodes.sh's hosts file (the bridge's address). %n: each slurmd its own spool, pid and
     # log file. config_overrides: a node may claim CPUs it shares with the others.
     cat <<CONF
-ClusterName=distnn-test
+ClusterName=${CLUSTER}
 SlurmctldHost=${host}
 SlurmUser=root
 AuthType=auth/munge
@@ -101,6 +104,15 @@ host_slurmd() {  # the PID of the slurmd in this host's own network namespace, i
     pgrep -x slurmd --ns $$ --nslist net
 }
 
+check_state() {  # slurmctld will not start on a state directory another cluster wrote
+    local file=$STATE/clustername name
+    [ -e "$file" ] && ! printf %s "$CLUSTER" | cmp -s - "$file" || return 0
+    name=$(head -c 64 "$file" 2>/dev/null | tr -d '\0'; echo .)  # its bytes, newlines too
+    die "$STATE holds the state of another Slurm cluster, $(printf %q "${name%.}") (this one" \
+        "is $CLUSTER), which slurmctld will not take over; move it aside" \
+        "(mv $STATE $STATE.old) and run start again"
+}
+
 registered() {  # registered T NODE...: each NODE's slurmd, started at T (epoch s) or later, registered
     local t=$1 node since
     shift
@@ -123,6 +135,7 @@ start() {
     [[ $n =~ ^[0-9]+$ ]] && [ "$n" -le 99 ] || die "--nodes needs a node count from 0 to 99, got '$n'"
     [ "$(id -u)" = 0 ] || die "needs root; run it as root"
     command -v slurmctld >/dev/null || { echo "slurmctld not installed; run: $0 install" >&2; exit 1; }
+    check_state
     if [ "$n" -gt 0 ]; then
         nodes_ready "$n" || bash "$NODES_SH" up "$n" >/dev/null
         [ "$(bash "$NODES_SH" exec node1 getent hosts "$host" | awk '{print $1}')" = "$NET.1" ] ||
