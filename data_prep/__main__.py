@@ -5,6 +5,8 @@ Sources, in order of precedence: CSV files (--train-x/--train-y/--test-x/--test-
 """
 
 import argparse
+import errno
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -13,9 +15,11 @@ from data_prep import BUNDLED_DIR, IDX_NAMES, schema
 from data_prep.csv_source import read_csv_images, read_csv_labels
 from data_prep.download import MIRRORS, download
 from data_prep.idx import find_idx, read_images, read_labels, sha256_hex
-from distnn.errors import Parser, UserError, cli
+from distnn.errors import OutputError, Parser, UserError, cli
+from distnn.files import reason, regular_file
 
 DEFAULT_OUT = Path("data") / "mnist.h5"
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)  # writes that fail for the disk
 
 
 def parse_args(argv=None):
@@ -46,14 +50,20 @@ def load_csv(args):
     if missing:
         raise UserError(f"CSV input needs all four files; missing {', '.join(missing)}")
     arrays, sources = {}, {}
-    for key, path in paths.items():
-        reader = read_csv_images if key[1] == "images" else read_csv_labels
-        arrays[key], raw = reader(path)
-        sources[key] = (path.name, sha256_hex(raw))
+    for (split, kind), path in paths.items():
+        reader = read_csv_images if kind == "images" else read_csv_labels
+        arrays[(split, kind)], raw = reader(path, f"--{split}-{'x' if kind == 'images' else 'y'}")
+        sources[(split, kind)] = (path.name, sha256_hex(raw))
     return arrays, sources
 
 
 def load_idx(source_dir):
+    if not os.path.isdir(source_dir):  # False, not an error, for a name too long
+        try:
+            os.stat(source_dir)
+        except OSError as exc:
+            raise UserError(f"--source {source_dir}: {reason(exc)}") from None
+        raise UserError(f"--source {source_dir}: is not a folder")
     arrays, sources = {}, {}
     for key, name in IDX_NAMES.items():
         path = find_idx(source_dir, name)
@@ -64,12 +74,16 @@ def load_idx(source_dir):
 
 
 def check_output(out, force):
-    """Refuse bad output paths; return True if a good output already exists."""
-    if out.is_dir():
-        raise UserError(f"{out}: output path is a directory")
-    if out.exists() and not force:
+    """Refuse bad output paths; return True if a good output already exists.
+
+    Only a regular file is replaced (by a rename: :func:`distnn.files.atomic_write`);
+    a folder, a FIFO or a device is refused, and so is a symlink, whose target the
+    user may have meant to be written (data_prep never writes through a link, nor
+    replaces one the user made with a file)."""
+    regular_file(out, "--out", follow=False)
+    if os.path.lexists(out) and not force:
         try:
-            schema.check(out)
+            schema.check(out, "--out")
         except UserError:
             raise UserError(f"{out}: exists and is not a valid distnn data file; "
                             "use --force to replace it") from None
@@ -91,14 +105,16 @@ def prepare(args):
         arrays, sources = load_idx(args.source)
     try:
         schema.write(args.out, arrays, sources)
-    except OSError as exc:
-        raise UserError(f"{args.out}: cannot write: {exc.strerror or exc}") from None
+    except OSError as exc:  # a full disk is the machine's problem (74), a bad path the user's (2)
+        kind = OutputError if exc.errno in NO_ROOM else UserError
+        raise kind(f"{args.out}: cannot write: {exc.strerror or exc}") from None
     return (f"{args.out}: wrote {len(arrays[('train', 'images')])} training and "
             f"{len(arrays[('test', 'images')])} test images")
 
 
 def main(argv=None):
-    return cli("data_prep", lambda: prepare(parse_args(argv)), UserError)  # bad input: one line, exit 2
+    # bad input: one line, exit 2; a disk that is full: one line, exit 74
+    return cli("data_prep", lambda: prepare(parse_args(argv)), (UserError, OutputError))
 
 
 if __name__ == "__main__":

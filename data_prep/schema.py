@@ -27,13 +27,15 @@ microsecond).
 """
 
 import hashlib
+import os
+import re
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from distnn.errors import UserError
-from distnn.files import atomic_write
+from distnn.files import atomic_write, opening, reason, regular_file
 
 SCHEMA_VERSION = 2
 IMAGE_SHAPE = (28, 28)
@@ -99,37 +101,94 @@ def write(out, arrays, sources):
     atomic_write(out, write_file)
 
 
-def check(path):
-    """Raise UserError unless ``path`` is a readable schema-2 file; return its sizes."""
+def check(path, what="--data"):
+    """Raise UserError unless ``path`` is a readable schema-2 file; return its sizes.
+
+    ``what`` names the path in the refusal of a FIFO, a folder or a device (never
+    opened: it would block). Attributes must have the types data_prep writes, and every
+    dataset must store the bytes its shape declares: a sparse file declaring a billion
+    rows would otherwise be read into memory as zeros."""
     path = Path(path)
-    if not path.exists():
+    regular_file(path, what)
+    if not os.path.exists(path):
         raise UserError(f"{path}: no such file (prepare it with: python -m data_prep --out {path})")
     try:
-        with h5py.File(path, "r") as f:
-            version = f.attrs.get("schema_version")
-            if version != SCHEMA_VERSION:
-                raise UserError(f"{path}: schema_version is {version}, expected {SCHEMA_VERSION} "
-                                f"(prepare it again: python -m data_prep --force --out {path})")
-            sizes = {}
-            for split in SPLITS:
-                images, labels = f.get(f"{split}/images"), f.get(f"{split}/labels")
-                hashes = f.get(f"{split}/image_sha256")
-                if not all(isinstance(d, h5py.Dataset) for d in (images, labels, hashes)):
-                    raise UserError(f"{path}: missing /{split}/images, /{split}/labels or "
-                                    f"/{split}/image_sha256")
-                if (images.dtype != np.uint8 or labels.dtype != np.uint8
-                        or images.ndim != 2 or images.shape[1] != PIXELS
-                        or labels.shape != (images.shape[0],)):
-                    raise UserError(
-                        f"{path}: /{split} has images {images.dtype}{images.shape} and labels "
-                        f"{labels.dtype}{labels.shape}, expected uint8 (N, {PIXELS}) and uint8 (N,)"
-                    )
-                if hashes.dtype != np.uint8 or hashes.shape != (images.shape[0], DIGEST) \
-                        or "sha256" not in labels.attrs:
-                    raise UserError(f"{path}: /{split} lacks its content hashes "
-                                    f"(image_sha256 uint8 (N, {DIGEST}), labels attribute sha256)")
-                sizes[split] = images.shape[0]
-            return sizes
+        with opening(path, what):
+            f = h5py.File(path, "r")
+        with f:
+            check_version(path, f.attrs.get("schema_version"))
+            return {split: check_split(path, f, split) for split in SPLITS}
     except OSError as exc:
-        raise UserError(f"{path}: not a readable HDF5 file ({exc})") from None
+        raise UserError(f"{path}: not a readable HDF5 file ({reason(exc)})") from None
 
+
+def held(path, f, name):
+    """The object at ``name`` (None if missing), reached through hard links only and, for
+    a dataset, with its values in this file: following a link or external storage to
+    another file could open a FIFO, which blocks for ever (data_prep writes neither)."""
+    found = f
+    for part in name.split("/"):
+        link = found.get(part, getlink=True) if isinstance(found, h5py.Group) else None
+        if link is None:
+            return None
+        if not isinstance(link, h5py.HardLink):
+            raise UserError(f"{path}: /{name} is reached through a link ({type(link).__name__}); "
+                            "a data file holds its arrays itself")
+        found = found[part]
+    if isinstance(found, h5py.Dataset) and (found.external or found.is_virtual):
+        raise UserError(f"{path}: /{name} keeps its values in other files; a data file holds "
+                        "its arrays itself")
+    return found
+
+
+def describe(value):
+    """An attribute's value and type, as a message shows it: 2, '2' (a string), an array..."""
+    if value is None:
+        return "missing"
+    if isinstance(value, np.ndarray):
+        return f"an array {value.dtype}{value.shape}"
+    if isinstance(value, (str, bytes)):
+        return f"{value[:80]!r} (a {'string' if isinstance(value, str) else 'byte string'})"
+    return f"{value} ({type(value).__name__})" if not is_integer(value) else str(value)
+
+
+def is_integer(value):
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def check_version(path, version):
+    if not (is_integer(version) and version == SCHEMA_VERSION):
+        raise UserError(f"{path}: schema_version is {describe(version)}, expected {SCHEMA_VERSION} "
+                        f"(prepare it again: python -m data_prep --force --out {path})")
+
+
+def check_split(path, f, split):
+    """The number of rows of ``split``, once its datasets have the right types and shapes,
+    store what they declare, and the labels carry their SHA-256."""
+    images, labels, hashes = (held(path, f, f"{split}/{kind}")
+                              for kind in ("images", "labels", "image_sha256"))
+    if not all(isinstance(d, h5py.Dataset) for d in (images, labels, hashes)):
+        raise UserError(f"{path}: missing /{split}/images, /{split}/labels or "
+                        f"/{split}/image_sha256")
+    if (images.dtype != np.uint8 or labels.dtype != np.uint8
+            or images.ndim != 2 or images.shape[1] != PIXELS
+            or labels.shape != (images.shape[0],)):
+        raise UserError(
+            f"{path}: /{split} has images {images.dtype}{images.shape} and labels "
+            f"{labels.dtype}{labels.shape}, expected uint8 (N, {PIXELS}) and uint8 (N,)"
+        )
+    if hashes.dtype != np.uint8 or hashes.shape != (images.shape[0], DIGEST) \
+            or "sha256" not in labels.attrs:
+        raise UserError(f"{path}: /{split} lacks its content hashes "
+                        f"(image_sha256 uint8 (N, {DIGEST}), labels attribute sha256)")
+    digest = labels.attrs["sha256"]
+    if not (isinstance(digest, str) and re.fullmatch("[0-9a-f]{64}", digest)):
+        raise UserError(f"{path}: /{split}/labels attribute sha256 is {describe(digest)}, "
+                        "expected a SHA-256 as 64 hex digits")
+    for dataset in (images, labels, hashes):
+        stored = dataset.id.get_storage_size()
+        if stored < dataset.nbytes:
+            raise UserError(f"{path}: {dataset.name} declares shape {dataset.shape} "
+                            f"({dataset.nbytes} bytes) but stores only {stored} bytes: not a "
+                            "complete file written by data_prep (prepare it again)")
+    return images.shape[0]

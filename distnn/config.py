@@ -4,16 +4,17 @@ import argparse
 import dataclasses
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 
 from data_prep.schema import PIXELS
 from distnn import activations, losses, schedule
 from distnn.errors import Parser, UserError
+from distnn.files import regular_file
 
 DEFAULT_DATA = "data/mnist.h5"
 DTYPES = ("float32", "float64")
+SEEDS = 2 ** 64  # seeds are 0 .. 2**64 - 1: the random streams' entropy (distnn.rng.Stream)
 
 
 @dataclasses.dataclass
@@ -232,12 +233,13 @@ def check(config):
                         "--log-every": config.log_every}.items():
         if value < 0:
             raise UserError(f"{flag} must be 0 or more, got {value}")
+    if config.seed >= SEEDS:
+        raise UserError(f"--seed must be below 2**64 ({SEEDS}), got {config.seed}")
     if config.layers[0] != PIXELS:
         raise UserError(f"--layers: the input width must be {PIXELS} (28x28 pixels), "
                         f"got {config.layers[0]}")
     check_task(config)
-    if Path(config.data).is_dir():
-        raise UserError(f"--data {config.data}: is a directory, expected an HDF5 file")
+    regular_file(config.data, "--data")  # a FIFO would block the open for ever; missing: said later
 
 
 def check_optimizer(config):

@@ -23,8 +23,8 @@ import numpy as np
 
 from data_prep import schema
 from distnn.errors import UserError
+from distnn.files import opening, reason
 from distnn.rng import Stream
-from distnn.files import reason
 
 READ_ROWS = 4096  # rows per read when loading into memory
 
@@ -45,7 +45,8 @@ class Dataset:
         self.rows = {"train": np.sort(order[val_size:]), "val": np.sort(order[:val_size]),
                      "test": np.arange(self.file_sizes["test"])}
         self.stream = stream
-        self.file = h5py.File(self.path, "r")
+        with opening(self.path, "--data"):  # a FIFO put there since the check: a stop ends the wait
+            self.file = h5py.File(self.path, "r")
         counts = {"train": n, "test": self.file_sizes["test"]}
         self.labels = {split: self._load_labels(split)[:count] for split, count in counts.items()}
         every_row_sha256 = {split: self._load(split, "image_sha256", self.file_sizes[split])

@@ -279,7 +279,7 @@ def test_output_path_is_a_directory(tmp_path, capsys, small_mnist):
     source = write_idx_dir(tmp_path / "src", small_mnist)
     out = tmp_path / "outdir"
     out.mkdir()
-    expect_error(capsys, ["--source", source, "--out", out], "outdir", "is a directory")
+    expect_error(capsys, ["--source", source, "--out", out], "outdir", "is a folder, not a regular file")
     assert list(out.iterdir()) == []
 
 
@@ -288,7 +288,7 @@ def test_output_path_unwritable(tmp_path, capsys, small_mnist):
     blocker = tmp_path / "file"
     blocker.write_text("a file, not a folder")
     out = blocker / "mnist.h5"
-    expect_error(capsys, ["--source", source, "--out", out], str(out), "cannot write")
+    expect_error(capsys, ["--source", source, "--out", out], f"--out {out}: Not a directory")
     assert blocker.read_text() == "a file, not a folder"
 
 

@@ -20,6 +20,11 @@ from distnn.errors import UserError
     (["--lr", "-1"], "--lr must be positive, got -1.0"),
     (["--lr", "inf"], "--lr must be a finite number, got inf"),
     (["--seed", "-1"], "--seed must be 0 or more, got -1"),
+    (["--seed", "18446744073709551616"],
+     "--seed must be below 2**64 (18446744073709551616), got 18446744073709551616"),
+    (["--seed", str(10 ** 30)], f"--seed must be below 2**64 (18446744073709551616), got {10 ** 30}"),
+    (["--data", "d" * 300], f"--data {'d' * 300}: File name too long"),
+    (["--data", "/"], "--data /: is a folder, not a regular file"),
     (["--block-size", "8"], "unrecognized arguments: --block-size 8"),
     (["--layers", "784,8,9"], "output width must be 10"),
     (["--loss", "bce"], "--loss bce trains one digit against the rest with one output unit, so "
@@ -56,8 +61,9 @@ def test_each_bad_setting_is_one_line_naming_it(args, message):
 
 def test_good_settings_parse_to_the_config():
     cfg = train.parse(["--data", "d.h5", "--momentum", "0.5", "--schedule", "step",
-                       "--decay-every", "2"], MPI.COMM_SELF)
+                       "--decay-every", "2", "--seed", str(2 ** 64 - 1)], MPI.COMM_SELF)
     assert isinstance(cfg, Config) and cfg.momentum == 0.5 and cfg.decay_every == 2
+    assert cfg.seed == 2 ** 64 - 1
 
 
 @pytest.mark.parametrize("module", ["data_prep.__main__", "distnn.plot", "distnn.predict",
