@@ -13,8 +13,9 @@ from pathlib import Path
 import h5py
 import pytest
 
-from conftest import (ROOT, corrupt_chunk, deliver_while_frozen, find_mpirun, frozen, launch_train,
-                      metrics_records, rank_pids, run_env, run_result, trained, wait_for)
+from conftest import (ROOT, corrupt_chunk, deliver_while_frozen, error_line, find_mpirun, frozen,
+                      launch_train, metrics_records, rank_pids, run_env, run_result, trained,
+                      wait_for)
 from distnn.rundir import checkpoint
 
 ARGS = ["--train-limit", "3200", "--val-size", "200", "--epochs", "4", "--layers", "784,64,10",
@@ -240,3 +241,23 @@ def test_resume_removes_what_a_killed_run_left_half_written(mnist_h5, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert not list(tmp_path.rglob(".*.tmp"))
     assert (tmp_path / "model.h5").exists() and (tmp_path / "summary.json").exists()
+
+
+@pytest.mark.parametrize("ranks", [None, 2])
+def test_resume_refuses_a_checkpoint_past_the_runs_end(mnist_h5, tmp_path, ranks):
+    """Fewer --epochs or --max-steps than a run already trained: one line, nothing changed
+    (an older checkpoint is not taken instead: a run cannot be shortened)."""
+    args = ["--data", mnist_h5, "--out", tmp_path, "--train-limit", "1100", "--val-size", "200",
+            "--batch-size", "100", "--epochs", "3", "--layers", "784,8,10", "--schedule",
+            "constant", "--checkpoint-every", "4"]
+    first = launch_train(args)
+    assert first.returncode == 0, first.stderr
+    before = {name: (tmp_path / name).read_bytes() for name in ("summary.json", "metrics.jsonl")}
+    newest = checkpoint.listing(tmp_path / "checkpoints")[-1][1]
+    for more, end in ((["--epochs", "2"], "step 18 (--epochs 2 of 9 steps)"),
+                      (["--max-steps", "25"], "step 25 (--max-steps 25)")):
+        shorter = launch_train([*args, *more, "--resume"], ranks=ranks, timeout=60)
+        assert shorter.returncode == 2, shorter.stderr
+        assert error_line(shorter) == (f"distnn.train: error: cannot resume from {newest}: it is "
+                                       f"at step 27, past this run's end at {end}")
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before

@@ -11,18 +11,23 @@ Files are ``<out>/checkpoints/ckpt-<step>.h5``, written by rank 0 under a
 temporary name, fsync'd, renamed and the folder fsync'd
 (:func:`distnn.files.atomic_write`): a crash at any moment
 leaves the previous checkpoint intact. Each file carries a SHA-256 of its
-contents, checked on load, and nothing in it is pickled.
+contents, checked on load, and nothing in it is pickled. Only a regular file
+is opened (never a symlink or a FIFO placed in the folder), and what it holds
+is handed over with the types it was stored with, for the resuming run to
+check against its own settings (:func:`distnn.state.misfit`).
 """
 
 import json
+import os
 import re
+from contextlib import suppress
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from distnn.files import atomic_write, opening, writing
 from distnn.model import params_hash
-from distnn.files import atomic_write, writing
 from distnn.state import TrainState
 
 FORMAT = "distnn-checkpoint"
@@ -31,6 +36,7 @@ VERSION = 3
 OLDER = {1: "its arithmetic gives other bits than this release's",
          2: "it has no optimizer state (momentum's velocity) and its update rounds otherwise"}
 NAME = re.compile(r"^ckpt-(\d{9})\.h5$")
+SCALARS = ("step", "epoch", "position", "seen", "elapsed_s")  # the state's attributes
 
 
 class CheckpointError(Exception):
@@ -74,16 +80,30 @@ def save(folder, state, config_json, data_fingerprint, keep):
                             "sha256": digest(state, config_json, data_fingerprint)})
     with writing(path):
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, write)
-        for old in listing(folder)[:-keep]:
-            old[1].unlink(missing_ok=True)
+        atomic_write(path, write, follow=False)
+        prune(folder, keep)
     return path
 
 
-def load(path):
-    """Read and verify one checkpoint; return (state, config_json, data_fingerprint)."""
+def prune(folder, keep):
+    """Remove all but the newest ``keep`` checkpoints of ``folder``, by name inside the
+    folder opened once (so never in another folder a link swapped in for it names)."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
-        with h5py.File(path, "r") as f:
+        for name in sorted(n for n in os.listdir(fd) if NAME.match(n))[:-keep]:  # by step
+            with suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def load(path):
+    """Read and verify one checkpoint; return (state, config_json, data_fingerprint), the
+    state's counters as stored (an int is an int only if it was one)."""
+    try:
+        with opening(path, "checkpoint", follow=False, error=CheckpointError):
+            f = h5py.File(path, "r")
+        with f:
             if f.attrs.get("format") != FORMAT:
                 raise CheckpointError(f"{path}: not a distnn checkpoint")
             version = f.attrs.get("version")
@@ -93,20 +113,25 @@ def load(path):
                                       f"continued: {why}; this release continues version "
                                       f"{VERSION} only (start the run afresh)")
             params, velocity = (arrays(f, group) for group in ("params", "velocity"))
-            state = TrainState(params=params, velocity=velocity, step=int(f.attrs["step"]),
-                               epoch=int(f.attrs["epoch"]), position=int(f.attrs["position"]),
-                               totals=f["totals"][...], seen=int(f.attrs["seen"]),
+            state = TrainState(params=params, velocity=velocity, totals=f["totals"][...],
                                history=json.loads(f.attrs["history"]),
-                               elapsed_s=float(f.attrs["elapsed_s"]))
+                               **{name: python_value(f.attrs[name]) for name in SCALARS})
             config_json, data = str(f.attrs["config"]), str(f.attrs["data"])
             stored = str(f.attrs["sha256"])
+        verified = digest(state, config_json, data) == stored
     except CheckpointError:
         raise
     except (OSError, KeyError, ValueError, TypeError) as exc:
         raise CheckpointError(f"{path}: unreadable or incomplete ({exc})") from None
-    if digest(state, config_json, data) != stored:
+    if not verified:
         raise CheckpointError(f"{path}: checksum mismatch, the file is corrupt")
     return state, config_json, data
+
+
+def python_value(value):
+    """An attribute's value as save stored it: a numpy scalar as its Python int, float or
+    bool; a string or an array as it is."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def arrays(f, group):
@@ -124,16 +149,21 @@ def listing(folder):
     return sorted(found)
 
 
-def load_latest(folder, warn):
-    """The newest checkpoint that verifies, skipping corrupt ones with ``warn(message)``.
+def load_latest(folder, warn, accept=lambda path, state, config_json, data: None):
+    """The newest checkpoint that verifies and that ``accept(path, state, config_json,
+    data)`` takes, skipping, with ``warn(message)``, corrupt ones, entries that are not
+    regular files, and those ``accept`` rejects with a CheckpointError (the resuming run's
+    check that a checkpoint fits it); returns (path, state, config_json, data).
 
     Returns None when there is no checkpoint at all; raises CheckpointError when
-    there are some but none verifies.
+    there are some but none is taken.
     """
     candidates = listing(folder)
     for _, path in reversed(candidates):
         try:
-            return (path, *load(path))
+            found = (path, *load(path))
+            accept(*found)
+            return found
         except CheckpointError as exc:
             warn(f"skipping {exc}")
     if candidates:

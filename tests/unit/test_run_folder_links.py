@@ -4,12 +4,23 @@ write, lock, block or delete anywhere else, and a refused ``--out`` leaves nothi
 import errno
 import os
 
+import numpy as np
 import pytest
 
 from distnn.errors import OutputError, UserError
 from distnn.files import atomic_write
-from distnn.rundir import CHECKPOINTS, CONFIG, LOCK, METRICS, MODEL, SUMMARY, claim
+from distnn.rundir import (
+    CHECKPOINTS,
+    CONFIG,
+    LOCK,
+    METRICS,
+    MODEL,
+    SUMMARY,
+    checkpoint,
+    claim,
+)
 from distnn.rundir.metrics import MetricsLog
+from distnn.state import TrainState
 
 FIXED = [LOCK, CONFIG, METRICS, MODEL, SUMMARY]
 
@@ -121,3 +132,23 @@ def test_a_metrics_line_is_never_appended_through_a_symlink(victim, tmp_path):
     with pytest.raises(OutputError, match=f"cannot write {tmp_path / METRICS}"):
         log.append({"epoch": 1})
     assert untouched(victim)
+
+
+def test_a_checkpoints_folder_swapped_for_a_link_mid_run_is_not_written_or_pruned(tmp_path):
+    """Saving with --keep 1 would delete the other folder's older checkpoints."""
+    other = tmp_path / "other"
+    other.mkdir()
+    theirs = [other / f"ckpt-{step:09d}.h5" for step in (1, 2)]
+    for path in theirs:
+        path.write_text("someone else's")
+    out = tmp_path / "run" / CHECKPOINTS
+    state = TrainState(params=[(np.zeros((2, 2)), np.zeros(2))], step=3)
+    checkpoint.save(out, state, "{}", "data", keep=1)
+    for entry in out.iterdir():
+        entry.unlink()
+    out.rmdir()
+    out.symlink_to(other)
+    with pytest.raises(OutputError, match="cannot write .*ckpt-000000003.h5"):
+        checkpoint.save(out, state, "{}", "data", keep=1)
+    assert sorted(other.iterdir()) == theirs
+    assert all(path.read_text() == "someone else's" for path in theirs)
