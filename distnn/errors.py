@@ -4,14 +4,18 @@ Exit codes: 0 finished; 1 crashed (a bug or a lost rank; traceback shown);
 2 bad input or settings (flags, the data file, the output folder); 3 training
 diverged; 74 an output could not be written during the run (disk full, I/O
 error); 75 stopped by SIGTERM/SIGUSR1 after writing a checkpoint (resume with
---resume).
+--resume; job scripts requeue on it); 130 stopped by Ctrl-C (SIGINT) and 129 by
+SIGHUP (a closed terminal or ssh session), likewise after a checkpoint, or at
+once without one on a second Ctrl-C (the shell's 128 + the signal's number).
 """
 
 import argparse
+import signal
 import sys
 
 TRAIN = "distnn.train"  # the trainer's name in its messages
-INTERRUPTED = 130  # a tool ended by Ctrl-C (SIGINT): the shell's convention
+INTERRUPTED = 128 + signal.SIGINT  # 130: Ctrl-C, the shell's convention
+HUNG_UP = 128 + signal.SIGHUP  # 129: the terminal went away
 
 
 def warn(message):
@@ -29,7 +33,8 @@ class Parser(argparse.ArgumentParser):
 
 def cli(prog, action, errors):
     """Print ``action()``'s result and return 0; an ``errors`` exception becomes one
-    line on stderr and exit code 2 (the tools besides the trainer); Ctrl-C is one line and
+    line on stderr and exit code 2, or a CleanExit's own code (74: an output could not be
+    written) (the tools besides the trainer); Ctrl-C is one line and
     exit code 130 (their outputs are written whole or not at all). ``action`` parses
     its flags itself, so a mistake in them (a UserError from :class:`Parser`) is one
     line too."""
@@ -37,7 +42,7 @@ def cli(prog, action, errors):
         print(action())
     except errors as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
         return INTERRUPTED
@@ -74,6 +79,24 @@ class OutputError(CleanExit):
 
 
 class Stopped(CleanExit):
-    """A stop signal arrived; a checkpoint was written."""
+    """A stop signal (SIGTERM, SIGUSR1) arrived; a checkpoint was written, or, in start-up,
+    nothing was."""
     exit_code = 75
     label = "stopped"
+
+
+class Interrupted(Stopped):
+    """Stopped by Ctrl-C (SIGINT)."""
+    exit_code = INTERRUPTED
+
+
+class HungUp(Stopped):
+    """Stopped by SIGHUP (the terminal or ssh session closed)."""
+    exit_code = HUNG_UP
+
+
+def stopped(signum, message, agreed=False):
+    """The Stopped exception for stop signal ``signum``: its class carries the exit code
+    (a job script requeues on 75, never on a user's Ctrl-C or hang-up)."""
+    kind = {signal.SIGINT: Interrupted, signal.SIGHUP: HungUp}.get(signum, Stopped)
+    return kind(message, agreed=agreed)

@@ -28,13 +28,22 @@ from mpi4py import MPI
 
 from distnn import model
 from distnn.config import differences
-from distnn.errors import CleanExit, Diverged, OutputError, Stopped, UserError
+from distnn.errors import (
+    CleanExit,
+    Diverged,
+    HungUp,
+    Interrupted,
+    OutputError,
+    Stopped,
+    UserError,
+)
 from distnn.state import TrainState
 
 EXIT_FAILURE = 1
 ABORT_GRACE_S = 0.3
 FINISH_WAIT_S = 10  # how long a rank waits at the end for its peers before leaving alone
-AGREED = {cls.__name__: cls for cls in (UserError, OutputError, Diverged, Stopped)}
+AGREED = {cls.__name__: cls for cls in (UserError, OutputError, Diverged, Stopped, Interrupted,
+                                         HungUp)}
 
 
 def row_range(n_rows, size, rank):
@@ -112,9 +121,14 @@ def agree(comm, fn, *args):
 
     The first failing rank's error wins; it names its rank unless that is rank 0
     (which also runs the checks only rank 0 makes) or every rank said the same.
+    A Stopped is not agreed on: a stop signal ended a wait on this rank (an open()
+    that blocked, :meth:`distnn.stop.StopRequest.interruptible`), and other ranks
+    may be blocked too, never to join a collective call; ``run_or_abort`` ends them.
     """
     try:
         result, failure = fn(*args), None
+    except Stopped:
+        raise
     except CleanExit as exc:
         result, failure = None, (type(exc).__name__, str(exc))
     raise_agreed(comm.allgather(failure))
@@ -167,8 +181,6 @@ def run_or_abort(comm, prog, fn):
         abort(comm, exc.exit_code)
     except SystemExit as exc:  # --help
         return exc.code or 0
-    except KeyboardInterrupt:
-        raise
     except BaseException:
         text = traceback.format_exc()
         print(f"{prog}: rank {comm.rank} failed:\n{text}", file=sys.stderr, flush=True)

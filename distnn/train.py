@@ -7,8 +7,9 @@ line, metrics record and checkpoint.
 """
 
 if __name__ == "__main__":
-    # python -m distnn.train: catch SIGTERM/SIGUSR1 from the first line on, before the
-    # slow imports below (numpy, h5py, MPI_Init), so a stop signal never kills a rank
+    # python -m distnn.train: catch the stop signals (SIGTERM, SIGUSR1, SIGINT, SIGHUP) from
+    # the first line on, before the slow imports below (numpy, h5py, MPI_Init), so a stop
+    # signal never kills a rank nor raises KeyboardInterrupt in one
     from distnn.stop import REQUEST as _STOP
     _STOP.install()
 
@@ -21,9 +22,19 @@ import numpy as np
 from mpi4py import MPI
 from threadpoolctl import threadpool_limits
 
-from distnn import compiled, config, model, numerics, optim, parallel, rundir, startup
+from distnn import (
+    compiled,
+    config,
+    memory,
+    model,
+    numerics,
+    optim,
+    parallel,
+    rundir,
+    startup,
+)
 from distnn.data import Dataset
-from distnn.errors import TRAIN, Diverged, OutputError, Stopped, UserError
+from distnn.errors import TRAIN, Diverged, OutputError, UserError, stopped
 from distnn.evaluate import N_EVAL_STATS, evaluation
 from distnn.exact import ExactSum, NonFiniteError
 from distnn.progress import Progress
@@ -33,16 +44,18 @@ from distnn.step import Stepper
 from distnn.stop import REQUEST
 from distnn.timing import PHASES
 
+
 def run(cfg, comm=MPI.COMM_SELF, stop=None):
     """Train with ``cfg`` on ``comm``; return (params, summary). Rank 0 claims and writes
     ``cfg.out`` (a new ``runs/<timestamp>`` when empty) and, unless ``cfg.quiet``, prints
     the configuration, progress and one line per epoch.
 
     ``stop`` (a :class:`distnn.stop.StopRequest`) makes every rank stop after
-    the step in which any rank received SIGTERM or SIGUSR1.
+    the step in which any rank received a stop signal (SIGTERM, SIGUSR1, SIGINT, SIGHUP).
     """
     numerics.check(comm)  # every rank computes the reference bits, or none starts
     parallel.agree(comm, startup.prepare_default_data, cfg, comm)
+    parallel.agree(comm, memory.check, cfg, comm)  # before the data and parameters are allocated
     data = parallel.agree(comm, Dataset, cfg.data, cfg.train_limit, cfg.val_size, cfg.seed, cfg.stream)
     try:
         parallel.check_same_settings(comm, cfg, data.fingerprint)
@@ -65,7 +78,7 @@ def train(cfg, comm, data, params, folder, stop):
     """The run itself, in the claimed ``folder`` (rank 0's; None on the others): the
     state to start from on every rank, the loop, and the trained model."""
     try:
-        resumed = parallel.agree(comm, lambda: rundir.resume_state(cfg, data.fingerprint)
+        resumed = parallel.agree(comm, lambda: rundir.resume_state(cfg, data)
                                  if comm.rank == 0 else None)
         state = parallel.share_state(comm, resumed, params, optim.zero_velocity(params, cfg.momentum))
         scorer = ExactSum([N_EVAL_STATS], comm)
@@ -223,10 +236,12 @@ def save_checkpoint(comm, state, files, clock):
 
 
 def stop_now(cfg, comm, state, files, clock, signum):
-    """A stop signal reached some rank: checkpoint, then end every rank with Stopped."""
+    """A stop signal reached some rank: checkpoint, then end every rank with the Stopped
+    of that signal (its exit code)."""
     path = save_checkpoint(comm, state, files, clock)
-    raise Stopped(f"{signal.Signals(signum).name} received: stopped after step {state.step}, "
-                  f"checkpoint {path}; continue with --resume --out {cfg.out}", agreed=True)
+    raise stopped(signum, f"{signal.Signals(signum).name} received: stopped after step "
+                          f"{state.step}, checkpoint {path}; continue with --resume --out {cfg.out}",
+                  agreed=True)
 
 
 def check_finite(state):
@@ -272,10 +287,11 @@ def parse(argv, comm):
 
 
 def main(argv=None):
-    stop = REQUEST.install()  # again: MPI_Init may have put MPICH's own SIGUSR1 handler first
+    stop = REQUEST.install()  # again: MPI_Init put MPICH's own SIGUSR1 and SIGHUP handlers first
     threadpool_limits(limits=1, user_api="blas")
     np.seterr(all="ignore")  # NaN and infinity are detected and reported as divergence
     comm = MPI.COMM_WORLD
+    stop.announce = comm.rank == 0
 
     def go():
         cfg = parse(argv, comm)

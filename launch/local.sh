@@ -3,8 +3,8 @@
 #
 # Uses the project's .venv if there is one (else python3 on PATH) and the
 # mpirun beside that Python (the mpich wheel's), with one BLAS thread per rank.
-# Exit code 75 means a stop signal arrived and a checkpoint was written: run the
-# same command again with --resume to continue.
+# Exit code 75 (SIGTERM/SIGUSR1), 130 (Ctrl-C) or 129 (SIGHUP) means a stop signal
+# arrived and a checkpoint was written: run the same command again with --resume to continue.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 ranks=2
