@@ -5,7 +5,6 @@ Sources, in order of precedence: CSV files (--train-x/--train-y/--test-x/--test-
 """
 
 import argparse
-import errno
 import os
 import sys
 import tempfile
@@ -15,11 +14,10 @@ from data_prep import BUNDLED_DIR, IDX_NAMES, schema
 from data_prep.csv_source import read_csv_images, read_csv_labels
 from data_prep.download import MIRRORS, download
 from data_prep.idx import find_idx, read_images, read_labels, sha256_hex
-from distnn.errors import OutputError, Parser, UserError, cli
-from distnn.files import reason, regular_file
+from distnn.errors import NoRoom, Parser, UserError, cli
+from distnn.files import NO_ROOM, reason, regular_file
 
 DEFAULT_OUT = Path("data") / "mnist.h5"
-NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)  # writes that fail for the disk
 
 
 def parse_args(argv=None):
@@ -106,7 +104,7 @@ def prepare(args):
     try:
         schema.write(args.out, arrays, sources)
     except OSError as exc:  # a full disk is the machine's problem (74), a bad path the user's (2)
-        kind = OutputError if exc.errno in NO_ROOM else UserError
+        kind = NoRoom if exc.errno in NO_ROOM else UserError
         raise kind(f"{args.out}: cannot write: {exc.strerror or exc}") from None
     return (f"{args.out}: wrote {len(arrays[('train', 'images')])} training and "
             f"{len(arrays[('test', 'images')])} test images")
@@ -114,7 +112,7 @@ def prepare(args):
 
 def main(argv=None):
     # bad input: one line, exit 2; a disk that is full: one line, exit 74
-    return cli("data_prep", lambda: prepare(parse_args(argv)), (UserError, OutputError))
+    return cli("data_prep", lambda: prepare(parse_args(argv)), (UserError, NoRoom))
 
 
 if __name__ == "__main__":

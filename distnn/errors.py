@@ -33,8 +33,8 @@ class Parser(argparse.ArgumentParser):
 
 def cli(prog, action, errors):
     """Print ``action()``'s result and return 0; an ``errors`` exception becomes one
-    line on stderr and exit code 2, or a CleanExit's own code (74: an output could not be
-    written) (the tools besides the trainer); Ctrl-C is one line and
+    line on stderr and exit code 2 (the tools besides the trainer), or 74 when an output
+    did not fit on the disk (:class:`NoRoom`); Ctrl-C is one line and
     exit code 130 (their outputs are written whole or not at all). ``action`` parses
     its flags itself, so a mistake in them (a UserError from :class:`Parser`) is one
     line too."""
@@ -42,7 +42,7 @@ def cli(prog, action, errors):
         print(action())
     except errors as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
-        return getattr(exc, "exit_code", 2)
+        return exc.exit_code if isinstance(exc, NoRoom) else 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
         return INTERRUPTED
@@ -76,6 +76,11 @@ class Diverged(CleanExit):
 class OutputError(CleanExit):
     """Writing an output failed during the run; the last good checkpoint is kept."""
     exit_code = 74
+
+
+class NoRoom(OutputError):
+    """An output did not fit: the disk or the quota is full (exit 74 for every tool; for
+    the tools, any other failure to write is a bad output path, exit 2)."""
 
 
 class Stopped(CleanExit):

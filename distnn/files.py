@@ -12,6 +12,7 @@ a device would block ``open()`` or ``read()`` for ever), and opened inside
 :func:`opening`, where a stop signal ends an ``open()`` that blocks anyway.
 """
 
+import errno
 import io
 import json
 import os
@@ -20,9 +21,10 @@ import stat
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from distnn.errors import OutputError, UserError
+from distnn.errors import NoRoom, OutputError, UserError
 from distnn.stop import REQUEST
 
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # writes that fail for the disk, not the path
 KINDS = {stat.S_IFREG: "a regular file", stat.S_IFDIR: "a folder", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
          stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
          stat.S_IFLNK: "a symbolic link"}
@@ -67,11 +69,13 @@ def atomic_write(path, write, follow=True):
 
 @contextmanager
 def writing(path):
-    """Turn a failure to write ``path`` into an OutputError naming it."""
+    """Turn a failure to write ``path`` into an OutputError naming it (a NoRoom when the
+    disk is full)."""
     try:
         yield
     except OSError as exc:
-        raise OutputError(f"cannot write {path}: {reason(exc)}") from None
+        kind = NoRoom if exc.errno in NO_ROOM else OutputError
+        raise kind(f"cannot write {path}: {reason(exc)}") from None
 
 
 def write_whole(path, write):

@@ -33,6 +33,7 @@ from distnn.errors import (
     Diverged,
     HungUp,
     Interrupted,
+    NoRoom,
     OutputError,
     Stopped,
     UserError,
@@ -42,8 +43,8 @@ from distnn.state import TrainState
 EXIT_FAILURE = 1
 ABORT_GRACE_S = 0.3
 FINISH_WAIT_S = 10  # how long a rank waits at the end for its peers before leaving alone
-AGREED = {cls.__name__: cls for cls in (UserError, OutputError, Diverged, Stopped, Interrupted,
-                                         HungUp)}
+AGREED = {cls.__name__: cls for cls in (UserError, OutputError, NoRoom, Diverged, Stopped,
+                                         Interrupted, HungUp)}
 
 
 def row_range(n_rows, size, rank):
