@@ -122,10 +122,11 @@ def check(path, what="--data"):
         raise UserError(f"{path}: not a readable HDF5 file ({reason(exc)})") from None
 
 
-def held(path, f, name):
+def held(path, f, name, holder="a data file"):
     """The object at ``name`` (None if missing), reached through hard links only and, for
     a dataset, with its values in this file: following a link or external storage to
-    another file could open a FIFO, which blocks for ever (data_prep writes neither)."""
+    another file could open a FIFO, which blocks for ever (distnn writes neither).
+    ``holder`` names the kind of file in the message."""
     found = f
     for part in name.split("/"):
         link = found.get(part, getlink=True) if isinstance(found, h5py.Group) else None
@@ -133,10 +134,10 @@ def held(path, f, name):
             return None
         if not isinstance(link, h5py.HardLink):
             raise UserError(f"{path}: /{name} is reached through a link ({type(link).__name__}); "
-                            "a data file holds its arrays itself")
+                            f"{holder} holds its arrays itself")
         found = found[part]
     if isinstance(found, h5py.Dataset) and (found.external or found.is_virtual):
-        raise UserError(f"{path}: /{name} keeps its values in other files; a data file holds "
+        raise UserError(f"{path}: /{name} keeps its values in other files; {holder} holds "
                         "its arrays itself")
     return found
 

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import h5py
 import numpy as np
 
-from data_prep.schema import PIXELS
+from data_prep.schema import PIXELS, held
 from distnn import activations, losses
 from distnn.config import DTYPES, check_task, fmt
 from distnn.errors import UserError
@@ -117,19 +117,11 @@ def check_size(where, layers, dtype):
 def read_array(f, name, shape, dtype, where):
     """The dataset ``/name`` as a C-ordered ``dtype`` array, after checking it is a dataset
     of real numbers of ``shape`` stored in this file, and that its values are finite."""
-    node = f
-    for part in name.split("/"):
-        link = node.get(part, getlink=True) if isinstance(node, h5py.Group) else None
-        if link is None:
-            raise UserError(f"{where}: has no dataset /{name}")
-        if not isinstance(link, h5py.HardLink):  # it may lead to another file: not followed
-            raise UserError(f"{where}: /{name} is reached through a link "
-                            f"({type(link).__name__}); a model file holds its arrays itself")
-        node = node[part]
+    node = held(where, f, name, "a model file")
+    if node is None:
+        raise UserError(f"{where}: has no dataset /{name}")
     if not isinstance(node, h5py.Dataset):
         raise UserError(f"{where}: /{name} is a {type(node).__name__.lower()}, not a dataset")
-    if node.external or node.is_virtual:
-        raise UserError(f"{where}: /{name} keeps its values in other files")
     if node.dtype.kind not in "fiu":
         raise UserError(f"{where}: /{name} holds {node.dtype}, not real numbers")
     if node.shape != shape:
