@@ -11,6 +11,7 @@ from data_prep.schema import PIXELS
 from distnn import activations, losses, schedule
 from distnn.errors import Parser, UserError
 from distnn.files import regular_file
+from distnn.progress import MODES
 
 DEFAULT_DATA = "data/mnist.h5"
 DTYPES = ("float32", "float64")
@@ -48,6 +49,7 @@ class Config:
     keep: int = 3
     resume: bool = False
     log_every: int = 100
+    progress: str = "auto"
     quiet: bool = False
 
     @property
@@ -106,7 +108,13 @@ def build_parser():
         prog="python -m distnn.train",
         description="Train an MLP with synchronous data-parallel SGD over MPI ranks; "
                     "the result is bit-identical for any number of ranks and on any machine "
-                    "(any BLAS, CPU or supported numpy version, given IEEE-754 arithmetic).")
+                    "(any BLAS, CPU or supported numpy version, given IEEE-754 arithmetic).",
+        epilog="Start ranks with 'python -m distnn.launcher -n N python -m distnn.train ...' "
+               "(or launch/local.sh), which starts them the way the MPI beside this Python "
+               "forwards SIGTERM/SIGUSR1 (stop with a checkpoint, exit 75): MPICH's mpiexec, "
+               "Intel MPI's mpiexec.hydra (never its mpirun script: it forwards no signal), "
+               "Open MPI's mpirun with each stop signal relayed as SIGUSR1 (it kills the "
+               "ranks 0.25 s after a SIGTERM). See docs/clusters.md.")
     _task_flags(p, d)
     _optimizer_flags(p, d)
     _training_flags(p, d)
@@ -198,8 +206,12 @@ def _run_flags(p, d):
     p.add_argument("--keep", type=int, default=d.keep,
                    help=f"checkpoints to keep in <out>/checkpoints (default {d.keep})")
     p.add_argument("--log-every", type=int, default=d.log_every,
-                   help="when the output is not a terminal, print a progress line every N steps "
+                   help="print a progress line every N steps where no bar is drawn "
                         f"(default {d.log_every}; 0: epoch lines only)")
+    p.add_argument("--progress", choices=MODES, default=d.progress,
+                   help="a tqdm bar or plain progress lines on rank 0; auto (default): a bar "
+                        "only in a process on a terminal that no MPI launcher or srun started "
+                        "(a launcher may give rank 0 a terminal while its output goes to a log)")
     p.add_argument("--quiet", action="store_true",
                    help="print only errors and the final line: no configuration, progress or epoch lines")
     p.add_argument("--resume", action="store_true",

@@ -1,26 +1,47 @@
 """Progress on rank 0 while training: a bar on a terminal, plain lines in a log file.
 
-On a terminal (and with tqdm installed: ``pip install 'distnn[progress]'``) a
-tqdm bar shows the step, the loss and samples/s. Otherwise (a batch job's log
-file, a pipe) a plain line is printed every ``log_every`` steps, with no
-carriage returns or escape codes. ``quiet`` turns both off.
+In a plain process on a terminal (and with tqdm installed:
+``pip install 'distnn[progress]'``) a tqdm bar shows the step, the loss and
+samples/s. Otherwise (a batch job's log file, a pipe, any MPI launcher) a plain
+line is printed every ``log_every`` steps, with no carriage returns or escape
+codes. ``quiet`` turns both off.
+
+Whether rank 0's stdout is a terminal says little under a launcher: Open MPI's
+``mpirun`` gives rank 0 a pseudo-terminal even when its own output goes to a
+batch log, where a bar's carriage returns would hide every line. So a bar is
+drawn only by a process that no launcher started (``--progress auto``);
+``--progress bar`` or ``lines`` decide it instead.
 """
 
+import os
 import sys
 import time
+
+MODES = ("auto", "bar", "lines")
+# set in every rank's environment by MPICH's and Intel MPI's hydra, Open MPI's prterun
+# and Slurm's srun
+LAUNCHER_VARIABLES = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "SLURM_STEP_ID")
+
+
+def bar_wanted(mode, stream, environ=os.environ):
+    """Whether ``mode`` (:data:`MODES`) draws a bar on ``stream`` rather than plain lines."""
+    if mode != "auto":
+        return mode == "bar"
+    return stream.isatty() and not any(name in environ for name in LAUNCHER_VARIABLES)
 
 
 class Progress:
     """Per-step progress for one run; only rank 0 creates an enabled one."""
 
-    def __init__(self, total_steps, log_every=100, quiet=False, stream=None, enabled=True, start=0):
+    def __init__(self, total_steps, log_every=100, quiet=False, stream=None, enabled=True, start=0,
+                 mode="auto"):
         self.stream = stream or sys.stdout
         self.total = total_steps
         self.log_every = log_every
         self.enabled = enabled and not quiet
         self.bar = None
         self.window_start, self.window_samples = time.perf_counter(), 0
-        if self.enabled and self.stream.isatty():
+        if self.enabled and bar_wanted(mode, self.stream):
             try:
                 from tqdm import tqdm
             except ImportError:

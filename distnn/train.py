@@ -198,7 +198,8 @@ def begin(cfg, comm, data, state, steps_per_epoch):
     and the progress bar."""
     total = cfg.epochs * steps_per_epoch
     total = min(total, cfg.max_steps) if cfg.max_steps else total
-    progress = Progress(total, cfg.log_every, cfg.quiet, enabled=comm.rank == 0, start=state.step)
+    progress = Progress(total, cfg.log_every, cfg.quiet, enabled=comm.rank == 0, start=state.step,
+                        mode=cfg.progress)
     if comm.rank == 0 and not cfg.quiet:
         print(f"{TRAIN}: {comm.size} rank{'s' if comm.size > 1 else ''}, {data.size('train')} "
               f"training / {data.size('val')} validation / {data.size('test')} test images, "

@@ -178,7 +178,8 @@ def rank_pids(out):
         except OSError:
             continue
         if (entry.name.isdigit() and Path(argv[0].decode()).name.startswith("python")
-                and b"distnn.train" in argv and str(out).encode() in argv):
+                and b"distnn.train" in argv and str(out).encode() in argv
+                and b"distnn.launcher" not in argv):  # that one starts the ranks
             pids.append(int(entry.name))
     return pids
 

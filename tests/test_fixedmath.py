@@ -4,6 +4,7 @@ the same bits under every numpy CPU dispatch and numpy version, and the summatio
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 import warnings
@@ -313,8 +314,13 @@ def test_same_bits_with_cpu_features_disabled(default_run):
         pytest.skip("this CPU has no feature numpy dispatches to")
     disabled = _child(inputs, default["features"])
     assert disabled["fixedmath"] == default["fixedmath"]
+    assert not disabled["features"], f"numpy still reports {disabled['features']} on"
     changed = [k for k, v in default["numpy_own"].items() if disabled["numpy_own"][k] != v]
     print(f"numpy {default['numpy']} with {default['features']} disabled changes: {changed}")
+    if not changed and platform.machine() in ("aarch64", "arm64"):
+        pytest.skip(f"on {platform.machine()} numpy's own exp, log, tanh... depend on no CPU "
+                    f"feature it can switch off (turning {default['features']} off changed none "
+                    "of them): no contrast to show; distnn's bits matched")
     assert changed, "numpy's own functions gave the same bits: the switch had no effect"
     if {"X86_V4", "AVX512F", "AVX512_SKX"} & set(default["features"]):
         assert "exp/float64" in changed  # numpy's AVX-512 float64 exp against the libm's

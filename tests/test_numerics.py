@@ -3,6 +3,7 @@ does not change with numpy's SIMD paths, BLAS threads, the numpy version or mixe
 and the start-up check that refuses a rank whose arithmetic differs."""
 
 import json
+import platform
 import subprocess
 import sys
 
@@ -43,8 +44,12 @@ def test_products_do_not_depend_on_the_summation_order(gemm, dtype, monkeypatch)
     for e, g in zip(expected, got):
         assert e.tobytes() == g.tobytes()
     # and numpy's own float64 product does change with that order here
-    assert (a.astype(np.float64) @ W).tobytes() != GEMMS[gemm](a.astype(np.float64),
-                                                             W.astype(np.float64)).tobytes()
+    plain = (a.astype(np.float64) @ W).tobytes()
+    swapped = GEMMS[gemm](a.astype(np.float64), W.astype(np.float64)).tobytes()
+    if plain == swapped and gemm == "einsum" and platform.machine() in ("aarch64", "arm64"):
+        pytest.skip(f"on {platform.machine()} numpy's einsum gives its float64 matmul's bits "
+                    "(the same summation order): no contrast to show; distnn's bits matched")
+    assert plain != swapped
 
 
 def test_a_row_alone_gets_the_bits_it_gets_in_a_batch():
