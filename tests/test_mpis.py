@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (ROOT, catching_ranks, deliver_while_frozen, need_slurm, rank_pids,
-                      run_env, run_result, trained, wait_for)
+from conftest import (ROOT, catching_ranks, deliver_while_frozen, frozen, has_signal, need_slurm,
+                      proc_status, rank_pids, run_env, run_result, trained, wait_for)
 from distnn import launcher
 from distnn.rundir import checkpoint
 
@@ -190,11 +190,20 @@ def test_the_mpi_tier(mpi):
     assert " passed" in done.stdout and "skipped" not in done.stdout, done.stdout
 
 
+def job_state(job):
+    """(JobState, Restarts) of a Slurm job."""
+    text = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    fields = dict(item.split("=", 1) for item in text.split() if "=" in item)
+    return fields.get("JobState"), fields.get("Restarts")
+
+
 @pytest.mark.slurm
-def test_a_batch_job_requeues_on_a_signal_and_resumes(mpi, signal_reference, mnist_h5, tmp_path):
-    """launch/slurm/train.sbatch with this MPI (its own launcher inside the allocation for
-    Open MPI and Intel MPI): SIGUSR1 to the batch script checkpoints, requeues, and the
-    requeued job resumes to the uninterrupted result."""
+@pytest.mark.parametrize("how", ["USR1 to the script", "plain scancel"])
+def test_a_batch_job_stops_with_a_checkpoint(mpi, how, signal_reference, mnist_h5, tmp_path):
+    """launch/slurm/train.sbatch with this MPI (srun --mpi=pmix for Open MPI, pmi2 for Intel
+    MPI). SIGUSR1 to the batch script: the ranks checkpoint, the job requeues and resumes to
+    the uninterrupted result. A plain scancel (SIGTERM to every process of the job, the
+    launcher's included): a checkpoint at the step the ranks stopped after, no requeue."""
     if mpi.kind == launcher.MPICH:
         pytest.skip("MPICH's batch jobs: tests/test_slurm.py")
     need_slurm()
@@ -207,17 +216,28 @@ def test_a_batch_job_requeues_on_a_signal_and_resumes(mpi, signal_reference, mni
     assert submitted.returncode == 0, submitted.stderr
     job = submitted.stdout.strip()
     pids = at_first_checkpoint(out, 2)
-    deliver_while_frozen(pids, lambda: subprocess.run(["scancel", "--signal=USR1", "--batch", job],
-                                                      check=True), signal.SIGUSR1)
+    if how == "USR1 to the script":
+        deliver_while_frozen(pids, lambda: subprocess.run(["scancel", "--signal=USR1", "--batch",
+                                                           job], check=True), signal.SIGUSR1)
+    else:
+        with frozen(pids):
+            # Slurm sends every process SIGCONT, then at once SIGTERM: wait until it has done so
+            subprocess.run(["scancel", job], check=True)
+            wait_for(lambda: all(has_signal(p, "ShdPnd", signal.SIGTERM)
+                                 or not (proc_status(p, "State") or "").startswith("T")
+                                 for p in pids), 60, "Slurm to signal the ranks")
+    final = wait_for(lambda: job_state(job)[0] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+                     and job_state(job), 600, "the job to end", 0.2)
 
-    def state():
-        text = subprocess.run(["scontrol", "show", "job", job], capture_output=True,
-                              text=True).stdout
-        fields = dict(item.split("=", 1) for item in text.split() if "=" in item)
-        return (fields.get("JobState"), fields.get("Restarts"))
-    final = wait_for(lambda: state()[0] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
-                     and state(), 600, "the job to end", 0.2)
-    log = (tmp_path / "job.out").read_text()
+    def last_words():
+        text = (tmp_path / "job.out").read_text()
+        return text if "received: stopped after step" in text else None
+    log = wait_for(last_words, 60, "the ranks' stop line in the job's log", 0.2)
+    if how == "plain scancel":
+        assert final == ("CANCELLED", "0"), log
+        step = int(log.split("SIGTERM received: stopped after step ")[1].split(",")[0])
+        assert checkpoint.load(checkpoint.listing(out / "checkpoints")[-1][1])[0].step == step
+        return
     assert final == ("COMPLETED", "1"), log
     assert "SIGUSR1 received: stopped after step" in log and "resuming from" in log, log
     assert run_result(out) == signal_reference

@@ -32,7 +32,8 @@ die() { echo "local-cluster.sh: $*" >&2; exit 2; }
 install_packages() {
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq slurmctld slurmd slurm-client munge
+    # libpmix-dev holds the unversioned libpmix.so that srun --mpi=pmix loads (Open MPI's ranks)
+    apt-get install -y -qq slurmctld slurmd slurm-client munge libpmix2 libpmix-dev
 }
 
 node_cpus() {  # node_cpus I: node i's slots in nodes.sh's hostfile (2 if it does not say)
