@@ -116,6 +116,8 @@ def relay(argv, env):
     if received:
         tell_child()
     code = child.wait()
+    if received.count(signal.SIGINT) > 1:
+        return STOP_CODES[signal.SIGINT]  # ended at once, as MPICH's second Ctrl-C
     return STOP_CODES[received[0]] if received and code == 75 else code
 
 

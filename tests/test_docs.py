@@ -21,7 +21,7 @@ from conftest import ROOT
 README = ROOT / "README.md"
 PAGES = [README] + sorted((ROOT / "docs").glob("*.md"))
 MODULES = ("distnn.train", "distnn.plot", "distnn.predict", "distnn.bench",
-           "data_prep", "launch.sweep")
+           "distnn.launcher", "data_prep", "launch.sweep")
 FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```[ \t]*$", re.M | re.S)
 
 
