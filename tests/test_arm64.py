@@ -9,7 +9,8 @@ venv, as aarch64 wheels), with the repository mounted read-only at /distnn. Ther
 in-process numerics tests pass, and a short training alone and on 2 MPI ranks, and the
 34-run matrix of every activation, loss, dtype and optimizer setting
 (``tests/helpers/train_matrix.py``), give the ``params_sha256`` and per-epoch metrics of
-the same runs on this host.
+the same runs on this host; and one MPI job whose rank 0 runs on this host and rank 1 in
+the root file system trains the short run together to those bits too.
 
 It needs root (chroot, mounts, namespaces), qemu-aarch64 registered with binfmt_misc
 (registered here when it is not) and the built root file system: without them the module
@@ -23,6 +24,7 @@ for its own: the module takes about their total CPU time over the machine's core
 than the sum of their times.
 """
 
+import importlib.metadata
 import json
 import os
 import platform
@@ -35,7 +37,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, mnist_arrays, run_env, run_result, trained, write_data
+from conftest import ROOT, find_mpirun, mnist_arrays, run_env, run_result, trained, write_data
 
 ROOTFS_SH = ROOT / "tests" / "arm64" / "rootfs.sh"
 MARKER = ".distnn-complete"  # written last by rootfs.sh build
@@ -81,6 +83,40 @@ mount -t tmpfs -o mode=1777 tmpfs "$rootfs/tmp"
 mount -t tmpfs -o mode=1777 tmpfs "$rootfs/dev/shm"
 chroot "$rootfs" "$@"
 """
+
+# The emulated rank of a job of this host's mpiexec (Mixed): in a new mount and PID
+# namespace, the cached tree under a tmpfs overlay (never written), the repository read-only
+# at /distnn, the work folder at its own path (the same --data and --out on both ranks), then
+# the command under chroot, with the file descriptors and environment hydra gave the rank.
+ENTER = r"""
+set -eu
+rootfs=$1 repo=$2 top=$3 share=$4
+shift 4
+mount -t tmpfs -o mode=700 tmpfs "$top"
+mkdir "$top/upper" "$top/work" "$top/root"
+mount -t overlay overlay -o "lowerdir=$rootfs,upperdir=$top/upper,workdir=$top/work" "$top/root"
+root=$top/root
+mount --bind "$repo" "$root/distnn"
+mount -o remount,bind,ro "$root/distnn"
+mount -t proc proc "$root/proc"
+mount -t sysfs -o ro sysfs "$root/sys"
+mount -t tmpfs -o mode=1777 tmpfs "$root/tmp"
+mount -t tmpfs -o mode=1777 tmpfs "$root/dev/shm"
+mkdir -p "$root$share"
+mount --bind "$share" "$root$share"
+exec chroot "$root" "$@"
+"""
+# Both ranks of a Mixed job on the network path, over loopback: no shared memory between
+# the two builds (NOLOCAL) and the OFI netmod's TCP provider on lo. (The wheel's default
+# netmod, UCX 1.20.1, finds no route to a peer over lo, even between two x86-64 ranks.)
+MIXED_ENV = {"MPIR_CVAR_NOLOCAL": "1", "MPIR_CVAR_CH4_NETMOD": "ofi", "FI_PROVIDER": "tcp",
+             "FI_TCP_IFACE": "lo", "MPIR_CVAR_CH4_CMA_ENABLE": "0",
+             "OMP_NUM_THREADS": "1", "DISTNN_KERNELS": "numpy"}
+HOST_ONLY = ["LD_LIBRARY_PATH", "LD_PRELOAD", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV"]
+# hydra waits for ever for a rank that ends before MPI_Init (an ENTER or import failure):
+# then end the job through mpiexec, PID 1 of its namespace, which ends its ranks on SIGTERM.
+EMULATED_RANK = ('unshare --mount --propagation private --pid --fork --kill-child -- "$@" '
+                 '|| { code=$?; kill -TERM 1; exit $code; }')
 
 PLATFORM = """
 import json, os, platform, numpy
@@ -132,15 +168,18 @@ class Emulated:
     output in ``<name>.out`` and ``<name>.err`` of the work folder."""
 
     def __init__(self, rootfs, work, name, command, cwd="/out"):
-        self.name, self.out, self.err = name, work / f"{name}.out", work / f"{name}.err"
         inside = ["/usr/bin/env", "-i", "-C", cwd, *[f"{k}={v}" for k, v in ENV.items()],
                   *map(str, command)]
+        self.start(work, name, ["unshare", "--mount", "--propagation", "private", "--pid",
+                                "--fork", "--kill-child", "--", "bash", "-c", MOUNT_AND_RUN,
+                                "mount-and-run", str(rootfs), str(ROOT), str(work), *inside])
+
+    def start(self, work, name, argv, env=None):
+        self.name, self.out, self.err = name, work / f"{name}.out", work / f"{name}.err"
         with open(self.out, "w") as out, open(self.err, "w") as err:
             self.process = subprocess.Popen(
-                ["unshare", "--mount", "--propagation", "private", "--pid", "--fork",
-                 "--kill-child", "--", "bash", "-c", MOUNT_AND_RUN, "mount-and-run",
-                 str(rootfs), str(ROOT), str(work), *inside],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True)
+                argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                start_new_session=True)
         self.deadline = time.monotonic() + TIMEOUT
 
     def result(self):
@@ -166,6 +205,42 @@ class Emulated:
         self.process.wait()
 
 
+class Mixed(Emulated):
+    """One MPI job of this host's mpiexec (MPMD): rank 0 this host's Python, rank 1 the
+    root file system's (entered by ENTER, after a line saying where it runs), each running
+    ``python -m distnn.train args --out <work>/<name>`` over MIXED_ENV. The job has a PID
+    namespace of its own (and its /proc): killing it ends hydra's proxies and both ranks,
+    and the emulated rank's mount namespace with them."""
+
+    def __init__(self, rootfs, work, name, args):
+        (work / "enter.sh").write_text(ENTER)
+        (work / f"{name}.root").mkdir()
+        args = [*map(str, args), "--out", str(work / name)]
+        emulated = ["sh", "-c", EMULATED_RANK, "emulated-rank", "bash", str(work / "enter.sh"),
+                    str(rootfs), str(ROOT), str(work / f"{name}.root"), str(work),
+                    "/usr/bin/env", *[f"--unset={k}" for k in HOST_ONLY], "-C", "/tmp",
+                    *[f"{k}={v}" for k, v in ENV.items()], "sh", "-c",
+                    'echo "rank $PMI_RANK runs on $(uname -m)" && exec "$@"', "sh",
+                    "python", "-m", "distnn.train", *args]
+        host = [sys.executable, "-m", "distnn.train", *args]
+        self.start(work, name, ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child",
+                                "--", find_mpirun(), "-n", "1", *host, ":", "-n", "1", *emulated],
+                   env={**run_env(), **MIXED_ENV})
+
+
+def mixed_problem(rootfs):
+    """Why this host's mpiexec cannot start a rank in the root file system, or None."""
+    try:
+        here = importlib.metadata.version("mpich")
+    except importlib.metadata.PackageNotFoundError:
+        return "the job of an x86-64 and an arm64 rank needs the mpich wheel in this venv"
+    if not list(rootfs.glob(f"opt/venv/lib/python3*/site-packages/mpich-{here}.dist-info")):
+        return f"the arm64 root file system has no mpich {here}, as this venv has"
+    if find_mpirun() is None:
+        return "no mpirun found beside the interpreter or on PATH"
+    return None
+
+
 def numerics_command():
     command = ["python", "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *NUMERICS]
     for node in DESELECT:
@@ -185,6 +260,8 @@ JOBS = {  # test name: (job name, command, cwd) of the emulated runs each test w
     "test_the_training_matrix_gives_the_host_bits": [
         ("matrix", ["python", "/distnn/tests/helpers/train_matrix.py", "/out/small.h5",
                     "/out/matrix"], "/out")],
+    "test_one_job_of_an_x86_64_and_an_arm64_rank_gives_the_host_bits": [
+        ("mixed", SHORT, None)],  # cwd None: a Mixed job of these arguments
 }
 
 
@@ -202,7 +279,12 @@ def emulated(rootfs, mnist_h5, tmp_path_factory, request):
     try:
         for test in sorted(selected & JOBS.keys(), key=list(JOBS).index):
             for name, command, cwd in JOBS[test]:
-                jobs[name] = Emulated(rootfs, work, name, command, cwd)
+                if cwd is None:
+                    if not mixed_problem(rootfs):
+                        jobs[name] = Mixed(rootfs, work, name,
+                                           [*command, "--data", work / "mnist.h5"])
+                else:
+                    jobs[name] = Emulated(rootfs, work, name, command, cwd)
         yield jobs
     finally:
         for job in jobs.values():
@@ -262,3 +344,23 @@ def test_the_training_matrix_gives_the_host_bits(emulated, tmp_path):
     differ = [name for name, result in here["results"].items()
               if there["results"].get(name) != result]
     assert not differ, f"different on arm64: {differ}"
+
+
+def test_one_job_of_an_x86_64_and_an_arm64_rank_gives_the_host_bits(rootfs, emulated,
+                                                                    host_short_run):
+    """The strongest form of the promise: one MPI job, rank 0 on this host (x86-64 in CI)
+    and rank 1 on arm64 under emulation, with the two builds talking over TCP on loopback
+    (MIXED_ENV), trains the short run together to the params_sha256 and every epoch's
+    metrics (conftest.RUN_KEYS aside) of the run alone on this host."""
+    problem = mixed_problem(rootfs)
+    if problem:
+        pytest.skip(problem)
+    out, _ = emulated["mixed"].result()
+    assert "rank 1 runs on aarch64" in out.splitlines()
+    folder = emulated["mixed"].out.parent / "mixed"
+    assert json.loads((folder / "summary.json").read_text())["world_size"] == 2
+    got = run_result(folder)
+    print(f"params_sha256 alone on {platform.machine()}: {host_short_run[0]}, "
+          f"rank 0 on {platform.machine()} and rank 1 on aarch64: {got[0]}")
+    assert got[0] == host_short_run[0]
+    assert got[1] == host_short_run[1]

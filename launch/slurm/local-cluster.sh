@@ -50,6 +50,8 @@ config() {  # config N: slurm.conf for this host plus N simulated nodes
     # SlurmctldHost by name: this host's clients resolve it as always, the nodes through
     # nodes.sh's hosts file (the bridge's address). %n: each slurmd its own spool, pid and
     # log file. config_overrides: a node may claim CPUs it shares with the others.
+    # cred_expire and a scheduling pass every second: a requeued job starts again 11 s after
+    # its requeue instead of at the next half-minute's pass (40 s).
     cat <<CONF
 ClusterName=${CLUSTER}
 SlurmctldHost=${host}
@@ -71,6 +73,7 @@ SlurmctldPidFile=/run/slurmctld.pid
 SlurmdPidFile=/run/slurmd-%n.pid
 SlurmdParameters=config_overrides
 SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=1,bf_interval=1
 MinJobAge=3600
 KillWait=10
 NodeName=${host} CPUs=${cpus} RealMemory=${mem} State=UNKNOWN

@@ -59,7 +59,8 @@ mirror() {
         found=$(cat "${lists[@]}" 2>/dev/null | awk '$1 == "deb" {
             for (i = 2; i < NF; i++) if ($i ~ /:\/\// && $(i + 1) == "bookworm") { print $i; exit } }')
     fi
-    echo "${found:-http://deb.debian.org/debian}"
+    [ -n "$found" ] || die "no bookworm mirror in the host's apt sources: set DISTNN_ARM64_MIRROR"
+    echo "$found"
 }
 
 binfmt() {
@@ -86,7 +87,7 @@ inside() {
         mount -t proc proc "$1/proc"
         chroot "$1" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
             QEMU_CPU="$QEMU_CPU" PIP_CONFIG_FILE=/dev/null PIP_CERT=/opt/host-ca.crt \
-            PIP_INDEX_URL=https://pypi.org/simple PIP_DISABLE_PIP_VERSION_CHECK=1 \
+            PIP_DISABLE_PIP_VERSION_CHECK=1 \
             PIP_NO_CACHE_DIR=1 PIP_DEFAULT_TIMEOUT=180 /bin/sh -euc "$2"' _ "$dir" "$command"
 }
 
